@@ -1,0 +1,164 @@
+"""`python -m export`: trace a checkpoint to ONNX, prove parity, write a model repository version.
+
+The only place where exceptions become exit codes: 0 after parity passed and the version was
+written atomically; 1 with a one-line reason otherwise (nothing is left in REPO); 2 for usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from models.registry import PAPER_SET, get_spec
+
+from .exporter import DEFAULT_MAX_BATCH_SIZE, ExportRequest, export_model
+from .parity import Tolerances
+from .weights import find_checkpoint
+
+PRESETS = {"paper": PAPER_SET}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description=(
+            "Export a ResNet checkpoint to ONNX, prove parity with PyTorch, and write "
+            "REPO/<name>/<version>/{model.onnx,metadata.json} atomically."
+        ),
+        epilog=(
+            "examples:\n"
+            "  python -m export cifar_resnet20 --weights resnet20-12fca82f.th --out repo\n"
+            "  python -m export resnet50 --weights random:0 --out model_repository\n"
+            "  python -m export --preset paper --weights-dir weights --out model_repository"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("arch", nargs="?", help="architecture name (`python -m models list`)")
+    parser.add_argument(
+        "--weights",
+        help="checkpoint path, random or random:SEED (untrained, for benchmarks), or an official "
+        "keyword such as torchvision (downloaded once with a hash check)",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="model repository directory")
+    parser.add_argument("--name", help="model name in the repository (default: the arch)")
+    parser.add_argument("--version", type=int, help="version number (default: latest + 1)")
+    parser.add_argument("--labels", type=Path, help="text file with one class label per line")
+    parser.add_argument("--num-classes", type=int, help="classifier size if not the arch default")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help="largest batch the service may form; parity is verified at it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=Path,
+        help="directory of images, or an .npz with uint8 `images` [N,H,W,3], for parity on real "
+        "data (preprocessed exactly as the service does)",
+    )
+    parser.add_argument("--calibration-limit", type=int, default=512, help="at most this many")
+    parser.add_argument("--atol", type=float, default=Tolerances.atol, help="absolute tolerance")
+    parser.add_argument(
+        "--rtol",
+        type=float,
+        default=Tolerances.rtol,
+        help="tolerance relative to each output's max |value|",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random parity inputs")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="export a whole set (paper: ImageNet 18-152, CIFAR 20-110); uses checkpoints found "
+        "in --weights-dir, random weights otherwise, and skips versions already present with "
+        "the same weights",
+    )
+    parser.add_argument(
+        "--weights-dir", type=Path, default=Path("weights"), help="checkpoints for --preset"
+    )
+    parser.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="do nothing if the latest version already has the same weights (implied by --preset)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on failure")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.preset and (args.arch or args.weights or args.name or args.version):
+        parser.error("--preset exports a fixed set: leave out ARCH, --weights, --name, --version")
+    if not args.preset and not (args.arch and args.weights):
+        parser.error("give ARCH and --weights, or --preset")
+    try:
+        if args.preset:
+            return run_preset(args)
+        return run_one(args, args.arch, args.weights, skip=args.skip_existing)
+    except Exception as exc:  # the CLI boundary: one line, non-zero
+        if args.verbose:
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"export failed: {message}", file=sys.stderr)
+        return 1
+
+
+def run_one(args: argparse.Namespace, arch: str, weights: str, *, skip: bool) -> int:
+    spec = get_spec(arch)
+    images, source = None, ""
+    if args.calibration_images:
+        from .calibration import load_calibration
+
+        images = load_calibration(
+            args.calibration_images, spec.preprocessing, args.calibration_limit
+        )
+        source = str(args.calibration_images)
+    labels = None
+    if args.labels:
+        labels = [ln.strip() for ln in args.labels.read_text("utf-8").splitlines() if ln.strip()]
+    result = export_model(
+        ExportRequest(
+            arch=arch,
+            weights=weights,
+            out=args.out,
+            name=args.name,
+            version=args.version,
+            labels=labels,
+            num_classes=args.num_classes,
+            max_batch_size=args.max_batch_size,
+            calibration_images=images,
+            calibration_source=source,
+            tolerances=Tolerances(atol=args.atol, rtol=args.rtol),
+            seed=args.seed,
+            skip_if_same_weights=skip,
+        )
+    )
+    meta = result.metadata
+    if result.skipped:
+        print(f"{result.name} v{result.version}: already present with the same weights, skipped")
+        return 0
+    worst = max(r["logits"]["max_abs"] for r in meta["parity"]["results"])
+    print(
+        f"{result.name} v{result.version}: {result.path} "
+        f"(weights {meta['weights']['source']}, trained={meta['weights']['trained']}, "
+        f"parity passed, max |logit diff| {worst:.2e})"
+    )
+    return 0
+
+
+def run_preset(args: argparse.Namespace) -> int:
+    for arch in PRESETS[args.preset]:
+        checkpoint = find_checkpoint(get_spec(arch), args.weights_dir)
+        weights = str(checkpoint) if checkpoint else f"random:{args.seed}"
+        origin = f"checkpoint {checkpoint}" if checkpoint else "random weights (untrained)"
+        print(f"{arch}: {origin}", flush=True)
+        run_one(args, arch, weights, skip=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Checkpoint -> parity-proven ONNX graph -> versioned model repository entry.
+
+Nothing is written to the repository before parity passed; the graph is traced and checked in a
+private temporary directory first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from models.checkpoint import sha256_file
+from models.registry import ArchSpec, complexity, get_spec
+from service.engine import EngineConfig, create_session
+
+from . import repository
+from .onnx_export import EXPORTER, INPUT_NAME, OPSET, OUTPUT_NAMES, export_onnx
+from .parity import Tolerances, check_parity
+from .weights import load_model
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_MAX_BATCH_SIZE = 32
+
+
+class ExportError(RuntimeError):
+    """An export that must not produce a model (parity failed, version exists, bad input)."""
+
+
+@dataclass
+class ExportRequest:
+    arch: str
+    weights: str
+    out: Path
+    name: str | None = None
+    version: int | None = None
+    labels: list[str] | None = None
+    num_classes: int | None = None
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    calibration_images: np.ndarray | None = None  # preprocessed, float32 NCHW
+    calibration_source: str = ""
+    tolerances: Tolerances = field(default_factory=Tolerances)
+    seed: int = 0
+    skip_if_same_weights: bool = False
+
+
+@dataclass
+class ExportResult:
+    name: str
+    version: int
+    path: Path
+    skipped: bool
+    metadata: dict[str, Any]
+
+
+def parity_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, an odd size, and the largest batch the service will form."""
+    return sorted({1, min(7, max_batch_size), max_batch_size})
+
+
+def resolve_spec(arch: str, num_classes: int | None) -> ArchSpec:
+    spec = get_spec(arch)
+    if num_classes is not None and num_classes != spec.num_classes:
+        if num_classes < 1:
+            raise ExportError(f"num_classes must be positive, got {num_classes}")
+        spec = dataclasses.replace(spec, num_classes=num_classes, pretrained={})
+    return spec
+
+
+def resolve_labels(spec: ArchSpec, labels: list[str] | None) -> list[str]:
+    if labels is None:
+        if spec.num_classes == len(spec.labels):
+            return list(spec.labels)
+        return [f"class_{i}" for i in range(spec.num_classes)]
+    if len(labels) != spec.num_classes:
+        raise ExportError(f"{len(labels)} labels given for {spec.num_classes} classes")
+    return labels
+
+
+def export_model(request: ExportRequest) -> ExportResult:
+    try:
+        spec = resolve_spec(request.arch, request.num_classes)
+    except KeyError as exc:
+        raise ExportError(exc.args[0]) from None
+    name = repository.validate_name(request.name or spec.name)
+    labels = resolve_labels(spec, request.labels)
+    if request.max_batch_size < 1:
+        raise ExportError(f"max_batch_size must be positive, got {request.max_batch_size}")
+    out = Path(request.out)
+    existing = repository.versions(out, name)
+    if request.version is not None and request.version in existing:
+        raise ExportError(f"{out / name / str(request.version)} already exists")
+
+    model, weights = load_model(spec, request.weights)
+    if request.skip_if_same_weights and existing:
+        latest = repository.read_metadata(out, name, existing[-1])
+        if (
+            latest.get("weights", {}).get("sha256") == weights.sha256
+            and latest.get("arch") == spec.name
+        ):
+            return ExportResult(name, existing[-1], out / name / str(existing[-1]), True, latest)
+    version = request.version or (existing[-1] + 1 if existing else 1)
+
+    batch_sizes = parity_batch_sizes(request.max_batch_size)
+    with tempfile.TemporaryDirectory(prefix="resnet-export-") as tmp:
+        graph = Path(tmp) / "model.onnx"
+        export_onnx(model, spec.input_size, graph)
+        session = create_session(graph, EngineConfig())
+        report = check_parity(
+            model,
+            session,
+            spec.input_size,
+            batch_sizes=batch_sizes,
+            tolerances=request.tolerances,
+            seed=request.seed,
+            images=request.calibration_images,
+            images_source=request.calibration_source,
+            max_batch=request.max_batch_size,
+        )
+        if not report.passed:
+            raise ExportError("parity failed: " + "; ".join(report.failures()))
+        params, macs = complexity(spec)
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "version": version,
+            "arch": spec.name,
+            "family": spec.family,
+            "depth": spec.depth,
+            "block": spec.block,
+            "preact": spec.preact,
+            "plain": spec.plain,
+            "shortcut": spec.shortcut.value,
+            "created_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "model_file": "model.onnx",
+            "model_sha256": sha256_file(graph),
+            "precision": "fp32",
+            "input": {"name": INPUT_NAME, "shape": [None, *spec.input_size], "dtype": "float32"},
+            "outputs": {
+                "logits": {
+                    "name": OUTPUT_NAMES[0],
+                    "shape": [None, spec.num_classes],
+                    "dtype": "float32",
+                },
+                "embedding": {
+                    "name": OUTPUT_NAMES[1],
+                    "shape": [None, spec.embedding_dim],
+                    "dtype": "float32",
+                },
+            },
+            "num_classes": spec.num_classes,
+            "embedding_dim": spec.embedding_dim,
+            "labels": labels,
+            "preprocessing": spec.preprocessing.to_dict(),
+            "weights": weights.to_dict(),
+            "params": params,
+            "macs": macs,
+            "max_batch_size": request.max_batch_size,
+            "parity": report.to_dict(),
+            "export": {
+                "exporter": EXPORTER,
+                "opset": OPSET,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+            },
+        }
+        target = repository.write_version(out, name, version, graph, metadata)
+    return ExportResult(name, version, target, False, metadata)
