@@ -18,7 +18,11 @@ from .exporter import DEFAULT_MAX_BATCH_SIZE, ExportRequest, export_model
 from .parity import Tolerances
 from .weights import find_checkpoint
 
-PRESETS = {"paper": PAPER_SET}
+PRESETS = {
+    "paper": PAPER_SET,
+    "imagenet": tuple(a for a in PAPER_SET if not a.startswith("cifar_")),
+    "cifar": tuple(a for a in PAPER_SET if a.startswith("cifar_")),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=Tolerances.rtol,
         help="tolerance relative to each output's max |value|",
     )
+    parser.add_argument(
+        "--noise-factor",
+        type=float,
+        default=Tolerances.noise_factor,
+        help="tolerance as a multiple of PyTorch's own fp32-vs-fp64 difference, when larger",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random parity inputs")
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        help="export a whole set (paper: ImageNet 18-152, CIFAR 20-110); uses checkpoints found "
+        help="export a whole set (paper: ImageNet 18-152 and CIFAR 20-110; imagenet or cifar: "
+        "half of it); uses checkpoints found "
         "in --weights-dir, random weights otherwise, and skips versions already present with "
         "the same weights",
     )
@@ -132,7 +143,7 @@ def run_one(args: argparse.Namespace, arch: str, weights: str, *, skip: bool) ->
             max_batch_size=args.max_batch_size,
             calibration_images=images,
             calibration_source=source,
-            tolerances=Tolerances(atol=args.atol, rtol=args.rtol),
+            tolerances=Tolerances(atol=args.atol, rtol=args.rtol, noise_factor=args.noise_factor),
             seed=args.seed,
             skip_if_same_weights=skip,
         )

@@ -1,0 +1,49 @@
+"""Shared test fixtures: the real data in ../shared/data (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RESNET_SERVE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CIFAR_CHECKPOINTS = SHARED_DATA / "cifar10-resnet"
+CIFAR_TEST = SHARED_DATA / "cifar10-test" / "cifar10_test_2000.npz"
+PHOTOS = SHARED_DATA / "photos"
+
+# Published accuracies on cifar10_test_2000.npz (shared/data/README.md).
+CIFAR_CHECKPOINT_FILES = {
+    20: ("resnet20-12fca82f.th", 1813),
+    32: ("resnet32-d509ac18.th", 1849),
+    44: ("resnet44-014dd654.th", 1849),
+    56: ("resnet56-4bfd9763.th", 1857),
+}
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real test data not found at {path} (set RESNET_SERVE_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_test_set() -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [2000, 32, 32, 3], int64 labels [2000])."""
+    with np.load(require(CIFAR_TEST)) as data:
+        return data["images"], data["labels"]
+
+
+@pytest.fixture(scope="session")
+def resnet20_checkpoint() -> Path:
+    return require(CIFAR_CHECKPOINTS / CIFAR_CHECKPOINT_FILES[20][0])
+
+
+def normalize_cifar(images: np.ndarray) -> np.ndarray:
+    """ToTensor + Normalize(ImageNet mean/std), written independently of the service's code."""
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(1, 3, 1, 1)
+    return (x - mean) / std
