@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the CLI boundary: one line, non-zero
         if args.verbose:
             traceback.print_exc()
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        message = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         print(f"export failed: {message}", file=sys.stderr)
         return 1
 
