@@ -1,0 +1,75 @@
+# resnet-serve images, one Dockerfile, two targets:
+#   export  one-shot job: exports a preset into a model repository (CPU PyTorch + ONNX toolchain)
+#   serve   the HTTP service without torch: onnxruntime-gpu with the CUDA 13 runtime wheels of its
+#           [cuda,cudnn] extras (the host needs only the NVIDIA driver and container toolkit), or
+#           onnxruntime for CPU-only hosts with --build-arg RUNTIME=cpu
+#
+#   docker build --target export -t resnet-serve:export .
+#   docker build --target serve -t resnet-serve:gpu .
+#   docker build --target serve --build-arg RUNTIME=cpu -t resnet-serve:cpu .
+#
+# Dependencies come from pyproject.toml (docker/requirements.py), every version pinned by
+# docker/constraints.txt, in layers built before any source is copied.
+
+ARG PYTHON_IMAGE=python:3.12.12-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS base
+LABEL org.opencontainers.image.title="resnet-serve" \
+      org.opencontainers.image.description="ResNet image classification: ONNX export and onnxruntime serving" \
+      org.opencontainers.image.licenses="BSD-2-Clause"
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+# /models belongs to the unprivileged user so that an empty named volume mounted there
+# starts out writable by the export job.
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/app app \
+    && mkdir /models /weights \
+    && chown app:app /models
+WORKDIR /app
+COPY pyproject.toml ./
+COPY docker/constraints.txt docker/requirements.py docker/
+
+FROM base AS export
+# The CPU build of PyTorch is enough to export (and about 3 GB smaller than the CUDA build);
+# the parity gate runs onnxruntime on CPU.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c docker/constraints.txt \
+        "torch==2.13.0+cpu" \
+    && python docker/requirements.py cpu export > /tmp/requirements.txt \
+    && pip install -c docker/constraints.txt -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+COPY models/ models/
+COPY service/ service/
+COPY export/ export/
+COPY docker/export-entrypoint.sh docker/
+ENV RESNET_SERVE_MODEL_REPOSITORY=/models \
+    EXPORT_PRESET=paper \
+    EXPORT_WEIGHTS_DIR=/weights
+USER 10001:10001
+HEALTHCHECK NONE
+ENTRYPOINT ["/app/docker/export-entrypoint.sh"]
+
+FROM base AS serve
+# gpu: onnxruntime-gpu[cuda,cudnn] (CUDA 13 runtime, cuBLAS, cuDNN as pip wheels);
+# cpu: onnxruntime. The build fails if torch slipped in through some dependency.
+ARG RUNTIME=gpu
+RUN case "${RUNTIME}" in gpu|cpu) ;; *) echo "RUNTIME must be gpu or cpu" >&2; exit 1 ;; esac \
+    && python docker/requirements.py "${RUNTIME}" > /tmp/requirements.txt \
+    && pip install -c docker/constraints.txt -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt \
+    && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
+COPY models/ models/
+COPY service/ service/
+COPY docker/serve-entrypoint.sh docker/healthcheck.py docker/
+# What the NVIDIA container toolkit mounts into the container: CUDA compute and nvidia-smi.
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    RESNET_SERVE_MODEL_REPOSITORY=/models \
+    RESNET_SERVE_HOST=0.0.0.0 \
+    RESNET_SERVE_PORT=8000
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10m --retries=3 \
+    CMD ["python", "/app/docker/healthcheck.py", "/readyz"]
+ENTRYPOINT ["/app/docker/serve-entrypoint.sh"]
