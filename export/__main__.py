@@ -16,6 +16,7 @@ from models.registry import PAPER_SET, get_spec
 
 from .exporter import DEFAULT_MAX_BATCH_SIZE, ExportRequest, export_model
 from .parity import Tolerances
+from .precision import PRECISIONS
 from .weights import find_checkpoint
 
 PRESETS = {
@@ -76,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=Tolerances.noise_factor,
         help="tolerance as a multiple of PyTorch's own fp32-vs-fp64 difference, when larger",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="served precision: bf16 (OpenVINO, AMX) or int8 (onnxruntime, static quantization "
+        "calibrated on --calibration-images) are accepted only if they pass the gate (default "
+        "name ARCH_PRECISION)",
+    )
+    parser.add_argument(
+        "--gate-images",
+        type=Path,
+        help="real photos for the precision gate: top-1 agreement with fp32 must be >= 95%%",
+    )
+    parser.add_argument(
+        "--gate-labeled",
+        type=Path,
+        help="labeled .npz (images, labels, class_names) for the precision gate: top-1 may drop "
+        "by at most 0.3 points against fp32 when its classes are the model's",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random parity inputs")
     parser.add_argument(
@@ -147,6 +167,9 @@ def run_one(args: argparse.Namespace, arch: str, weights: str, *, skip: bool) ->
             tolerances=Tolerances(atol=args.atol, rtol=args.rtol, noise_factor=args.noise_factor),
             seed=args.seed,
             skip_if_same_weights=skip,
+            precision=args.precision,
+            gate_images=args.gate_images,
+            gate_labeled=args.gate_labeled,
         )
     )
     meta = result.metadata
@@ -154,10 +177,12 @@ def run_one(args: argparse.Namespace, arch: str, weights: str, *, skip: bool) ->
         print(f"{result.name} v{result.version}: already present with the same weights, skipped")
         return 0
     worst = max(r["logits"]["max_abs"] for r in meta["parity"]["results"])
+    gate = meta["precision_gate"]
+    gate_text = f", {meta['precision']} gate passed" if gate else ""
     print(
         f"{result.name} v{result.version}: {result.path} "
         f"(weights {meta['weights']['source']}, trained={meta['weights']['trained']}, "
-        f"parity passed, max |logit diff| {worst:.2e})"
+        f"parity passed, max |logit diff| {worst:.2e}{gate_text})"
     )
     return 0
 

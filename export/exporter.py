@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +22,19 @@ from models.checkpoint import sha256_file
 from models.registry import ArchSpec, complexity, get_spec
 from service.engine import EngineConfig, create_session
 
-from . import repository
+from . import repository, triton
 from .onnx_export import EXPORTER, INPUT_NAME, OPSET, OUTPUT_NAMES, export_onnx
 from .parity import Tolerances, check_parity
+from .precision import (
+    ENGINES,
+    PRECISIONS,
+    GateThresholds,
+    load_gate_data,
+    open_engine,
+    quantize_int8,
+    run_gate,
+)
 from .weights import load_model
-
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -53,6 +59,10 @@ class ExportRequest:
     tolerances: Tolerances = field(default_factory=Tolerances)
     seed: int = 0
     skip_if_same_weights: bool = False
+    precision: str = "fp32"
+    gate_images: Path | None = None  # real photos: top-1 agreement with fp32
+    gate_labeled: Path | None = None  # labeled .npz: top-1 drop against fp32
+    gate_thresholds: GateThresholds = field(default_factory=GateThresholds)
 
 
 @dataclass
@@ -85,6 +95,8 @@ def resolve_labels(spec: ArchSpec, labels: list[str] | None) -> list[str]:
         return [f"class_{i}" for i in range(spec.num_classes)]
     if len(labels) != spec.num_classes:
         raise ExportError(f"{len(labels)} labels given for {spec.num_classes} classes")
+    if any("\n" in label or "\r" in label for label in labels):
+        raise ExportError("labels must not contain line breaks (Triton's labels.txt: one per line)")
     return labels
 
 
@@ -93,7 +105,15 @@ def export_model(request: ExportRequest) -> ExportResult:
         spec = resolve_spec(request.arch, request.num_classes)
     except KeyError as exc:
         raise ExportError(exc.args[0]) from None
-    name = repository.validate_name(request.name or spec.name)
+    if request.precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {request.precision!r}; choose one of {PRECISIONS}")
+    reduced = request.precision != "fp32"
+    if reduced and request.gate_images is None:
+        raise ExportError(f"{request.precision} needs gate images (--gate-images DIR)")
+    if request.precision == "int8" and request.calibration_images is None:
+        raise ExportError("int8 needs calibration images (--calibration-images)")
+    default_name = spec.name if not reduced else f"{spec.name}_{request.precision}"
+    name = repository.validate_name(request.name or default_name)
     labels = resolve_labels(spec, request.labels)
     if request.max_batch_size < 1:
         raise ExportError(f"max_batch_size must be positive, got {request.max_batch_size}")
@@ -108,7 +128,9 @@ def export_model(request: ExportRequest) -> ExportResult:
         if (
             latest.get("weights", {}).get("sha256") == weights.sha256
             and latest.get("arch") == spec.name
+            and latest.get("precision", "fp32") == request.precision
         ):
+            triton.write_model_config(out, name)  # repositories exported before it existed
             return ExportResult(name, existing[-1], out / name / str(existing[-1]), True, latest)
     version = request.version or (existing[-1] + 1 if existing else 1)
 
@@ -130,6 +152,9 @@ def export_model(request: ExportRequest) -> ExportResult:
         )
         if not report.passed:
             raise ExportError("parity failed: " + "; ".join(report.failures()))
+        served, gate = graph, None
+        if reduced:
+            served, gate = _reduce_precision(request, spec, labels, graph, Path(tmp))
         params, macs = complexity(spec)
         metadata = {
             "format_version": FORMAT_VERSION,
@@ -144,8 +169,9 @@ def export_model(request: ExportRequest) -> ExportResult:
             "shortcut": spec.shortcut.value,
             "created_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "model_file": "model.onnx",
-            "model_sha256": sha256_file(graph),
-            "precision": "fp32",
+            "model_sha256": sha256_file(served),
+            "precision": request.precision,
+            "engine": ENGINES[request.precision],
             "input": {"name": INPUT_NAME, "shape": [None, *spec.input_size], "dtype": "float32"},
             "outputs": {
                 "logits": {
@@ -168,6 +194,7 @@ def export_model(request: ExportRequest) -> ExportResult:
             "macs": macs,
             "max_batch_size": request.max_batch_size,
             "parity": report.to_dict(),
+            "precision_gate": gate,
             "export": {
                 "exporter": EXPORTER,
                 "opset": OPSET,
@@ -176,5 +203,37 @@ def export_model(request: ExportRequest) -> ExportResult:
                 "onnxruntime": onnxruntime.__version__,
             },
         }
-        target = repository.write_version(out, name, version, graph, metadata)
+        target = repository.write_version(out, name, version, served, metadata)
+    triton.write_model_config(out, name)
     return ExportResult(name, version, target, False, metadata)
+
+
+def _reduce_precision(
+    request: ExportRequest, spec: ArchSpec, labels: list[str], graph: Path, tmp: Path
+) -> tuple[Path, dict[str, Any]]:
+    """The graph to serve at `request.precision` and its gate report; raises if the gate fails."""
+    assert request.gate_images is not None
+    data = load_gate_data(spec.preprocessing, request.gate_images, request.gate_labeled)
+    served = graph
+    if request.precision == "int8":
+        assert request.calibration_images is not None
+        served = tmp / "model.int8.onnx"
+        quantize_int8(graph, served, request.calibration_images)
+    fp32 = open_engine(graph, "fp32", spec.input_size)
+    reduced = open_engine(served, request.precision, spec.input_size)
+    gate = run_gate(
+        fp32,
+        reduced,
+        request.precision,
+        labels,
+        data,
+        request.gate_thresholds,
+        request.max_batch_size,
+    )
+    if not gate["passed"]:
+        agreement = gate["agreement"]
+        parts = [f"agreement {agreement['top1_agreement']:.2%} on {agreement['images']} images"]
+        if "drop_points" in gate.get("labeled", {}):
+            parts.append(f"top-1 drop {gate['labeled']['drop_points']:.2f} points")
+        raise ExportError(f"{request.precision} gate failed: " + ", ".join(parts))
+    return served, gate

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
+
+if TYPE_CHECKING:
+    from .openvino_engine import OpenVINOEngine
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ class EngineConfig:
     allow_spinning: bool = True
     graph_optimization: str = "all"  # disable | basic | extended | all
     cudnn_conv_algo_search: str = "EXHAUSTIVE"  # EXHAUSTIVE | HEURISTIC | DEFAULT
+    cuda_device_id: int = 0
 
 
 _OPT_LEVELS = {
@@ -97,7 +103,12 @@ def provider_options(providers: list[str], config: EngineConfig) -> list[dict[st
     result: list[dict[str, str]] = []
     for provider in providers:
         if provider == CUDA:
-            result.append({"cudnn_conv_algo_search": config.cudnn_conv_algo_search})
+            result.append(
+                {
+                    "device_id": str(config.cuda_device_id),
+                    "cudnn_conv_algo_search": config.cudnn_conv_algo_search,
+                }
+            )
         else:
             result.append({})
     return result
@@ -132,3 +143,122 @@ def run_session(
     session: ort.InferenceSession, input_name: str, output_names: list[str], batch: np.ndarray
 ) -> list[np.ndarray]:
     return session.run(output_names, {input_name: batch})
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class Engine:
+    """One session for one graph, checked against the metadata it is served with.
+
+    On CUDA, inputs and outputs go through IO binding: the batch is copied to the device once and
+    outputs are allocated there by onnxruntime, instead of the implicit copies and host-side
+    allocations of `session.run`.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        config: EngineConfig,
+        *,
+        input_name: str,
+        output_names: list[str],
+        input_shape: tuple[int, ...],
+        io_binding: bool | None = None,
+    ) -> None:
+        self.session = create_session(model_path, config)
+        self.providers: list[str] = self.session.get_providers()
+        self.provider = self.providers[0]
+        self.input_name, self.output_names = input_name, list(output_names)
+        self.io_binding = self.provider == CUDA if io_binding is None else io_binding
+        self._device = ("cuda", config.cuda_device_id) if self.provider == CUDA else ("cpu", 0)
+        self.input_dtype = self._check_io(model_path, input_shape)
+
+    def _check_io(self, model_path: str | Path, input_shape: tuple[int, ...]) -> type[np.generic]:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        graph_input = inputs.get(self.input_name)
+        if graph_input is None or len(inputs) != 1:
+            raise EngineError(
+                f"{model_path}: expected the single input {self.input_name!r}, "
+                f"the graph has {sorted(inputs)}"
+            )
+        missing = [name for name in self.output_names if name not in outputs]
+        if missing:
+            raise EngineError(f"{model_path}: outputs {missing} not in the graph {sorted(outputs)}")
+        batch, *dims = graph_input.shape
+        if isinstance(batch, int):
+            raise EngineError(f"{model_path}: the batch dimension is fixed at {batch}, not dynamic")
+        if len(dims) != len(input_shape) or any(
+            isinstance(d, int) and d != want for d, want in zip(dims, input_shape, strict=True)
+        ):
+            raise EngineError(
+                f"{model_path}: input shape {graph_input.shape} does not fit [N, *{input_shape}]"
+            )
+        if graph_input.type not in _NUMPY_TYPES:
+            raise EngineError(f"{model_path}: unsupported input type {graph_input.type}")
+        return _NUMPY_TYPES[graph_input.type]
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Outputs (as float32, in `output_names` order) for a float32 batch [N, C, H, W]."""
+        batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
+        if self.io_binding:
+            binding = self.session.io_binding()
+            device, device_id = self._device
+            value = ort.OrtValue.ortvalue_from_numpy(batch, device, device_id)
+            binding.bind_ortvalue_input(self.input_name, value)
+            for name in self.output_names:
+                binding.bind_output(name, device, device_id)
+            self.session.run_with_iobinding(binding)
+            outputs = binding.copy_outputs_to_cpu()
+        else:
+            outputs = self.session.run(self.output_names, {self.input_name: batch})
+        return [np.asarray(output, dtype=np.float32) for output in outputs]
+
+    def warm(self, batch_sizes: Iterable[int], input_shape: tuple[int, ...]) -> list[int]:
+        """Run every batch size once, so that no request pays for a first run (cuDNN's algorithm
+        search, memory arena growth)."""
+        warmed = []
+        for size in batch_sizes:
+            self.run(np.zeros((size, *input_shape), dtype=np.float32))
+            warmed.append(size)
+        return warmed
+
+
+ENGINES = ("onnxruntime", "openvino")
+
+
+def create_engine(
+    model_path: str | Path,
+    config: EngineConfig,
+    *,
+    engine: str = "onnxruntime",
+    precision: str = "fp32",
+    input_name: str,
+    output_names: list[str],
+    input_shape: tuple[int, ...],
+) -> Engine | OpenVINOEngine:
+    """The engine a model's metadata asks for: onnxruntime (fp32, int8; CPU or CUDA) or OpenVINO
+    (bf16 on the CPU). Both offer `run`, `warm`, `provider`, `providers` and `io_binding`."""
+    if engine == "onnxruntime":
+        return Engine(
+            model_path,
+            config,
+            input_name=input_name,
+            output_names=output_names,
+            input_shape=input_shape,
+        )
+    if engine == "openvino":
+        if config.require_cuda:
+            raise EngineError(f"CUDA is required but {model_path} is served by OpenVINO on the CPU")
+        from .openvino_engine import OpenVINOEngine
+
+        return OpenVINOEngine(
+            model_path,
+            precision=precision,
+            threads=config.intra_op_threads,
+            input_name=input_name,
+            output_names=output_names,
+            input_shape=input_shape,
+        )
+    raise EngineError(f"{model_path}: unknown engine {engine!r}; choose one of {ENGINES}")

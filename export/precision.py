@@ -1,0 +1,164 @@
+"""Reduced precision with an accuracy gate.
+
+- bf16: the fp32 graph, compiled by OpenVINO with a bf16 inference precision (AMX units).
+- int8: static QDQ quantization by onnxruntime, calibrated on real images; served by onnxruntime.
+
+A precision is accepted only if, against the fp32 graph run by onnxruntime:
+- top-1 accuracy on a labeled set whose classes are the model's drops by at most 0.3 points, and
+- top-1 agreement on real photos is at least 95%.
+The gate runs the very engines the service will run, and its figures go into metadata.json.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.preprocessing import Preprocessing
+from service.engine import Engine, EngineConfig, create_engine
+
+from .calibration import load_calibration
+from .onnx_export import INPUT_NAME, OUTPUT_NAMES
+
+PRECISIONS = ("fp32", "bf16", "int8")
+ENGINES = {"fp32": "onnxruntime", "bf16": "openvino", "int8": "onnxruntime"}
+
+
+class PrecisionError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    max_top1_drop_points: float = 0.3
+    min_agreement: float = 0.95
+
+
+@dataclass
+class GateData:
+    agreement_images: np.ndarray  # preprocessed float32 NCHW
+    agreement_source: str
+    labeled_images: np.ndarray | None = None
+    labeled_labels: np.ndarray | None = None
+    labeled_classes: list[str] | None = None
+    labeled_source: str = ""
+
+
+def load_gate_data(
+    prep: Preprocessing, images_dir: Path, labeled_npz: Path | None, limit: int = 2000
+) -> GateData:
+    data = GateData(load_calibration(images_dir, prep, limit), str(images_dir))
+    if labeled_npz is not None:
+        with np.load(labeled_npz) as npz:
+            if "labels" not in npz or "class_names" not in npz:
+                raise PrecisionError(f"{labeled_npz} needs `labels` and `class_names` arrays")
+            data.labeled_labels = npz["labels"][:limit]
+            data.labeled_classes = [str(c) for c in npz["class_names"]]
+        data.labeled_images = load_calibration(labeled_npz, prep, limit)
+        data.labeled_source = str(labeled_npz)
+    return data
+
+
+def quantize_int8(fp32_graph: Path, out: Path, calibration: np.ndarray) -> None:
+    """Static QDQ quantization: per-channel int8 weights, uint8 activations, ranges calibrated
+    on `calibration` (real preprocessed images)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter(calibration[i : i + 8] for i in range(0, len(calibration), 8))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch)}
+
+    with tempfile.TemporaryDirectory(prefix="resnet-int8-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_graph), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+
+
+def open_engine(graph: Path, precision: str, input_shape: tuple[int, ...]) -> Any:
+    return create_engine(
+        graph,
+        EngineConfig(),
+        engine=ENGINES[precision],
+        precision=precision,
+        input_name=INPUT_NAME,
+        output_names=list(OUTPUT_NAMES),
+        input_shape=input_shape,
+    )
+
+
+def _logits(engine: Any, images: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate(
+        [engine.run(images[i : i + batch])[0] for i in range(0, len(images), batch)]
+    )
+
+
+def run_gate(
+    fp32: Engine,
+    reduced: Any,
+    precision: str,
+    labels: list[str],
+    data: GateData,
+    thresholds: GateThresholds,
+    batch: int,
+) -> dict[str, Any]:
+    """Measure, then judge; the returned dict is the metadata's `precision_gate`."""
+    a32 = _logits(fp32, data.agreement_images, batch)
+    ared = _logits(reduced, data.agreement_images, batch)
+    agreement = float(np.mean(a32.argmax(1) == ared.argmax(1)))
+    report: dict[str, Any] = {
+        "precision": precision,
+        "engine": ENGINES[precision],
+        "thresholds": asdict(thresholds),
+        "agreement": {
+            "source": data.agreement_source,
+            "images": len(a32),
+            "top1_agreement": agreement,
+            "max_abs_logit_diff": float(np.abs(a32 - ared).max()),
+        },
+    }
+    passed = agreement >= thresholds.min_agreement
+    if data.labeled_images is not None and data.labeled_classes == labels:
+        l32 = _logits(fp32, data.labeled_images, batch)
+        lred = _logits(reduced, data.labeled_images, batch)
+        top1_fp32 = float(np.mean(l32.argmax(1) == data.labeled_labels))
+        top1_reduced = float(np.mean(lred.argmax(1) == data.labeled_labels))
+        drop = 100.0 * (top1_fp32 - top1_reduced)
+        report["labeled"] = {
+            "source": data.labeled_source,
+            "images": len(l32),
+            "top1_fp32": top1_fp32,
+            "top1_reduced": top1_reduced,
+            "drop_points": drop,
+            "top1_agreement": float(np.mean(l32.argmax(1) == lred.argmax(1))),
+        }
+        passed = passed and drop <= thresholds.max_top1_drop_points
+    elif data.labeled_images is not None:
+        report["labeled"] = {
+            "source": data.labeled_source,
+            "applicable": False,
+            "reason": "the labeled set's classes are not the model's",
+        }
+    report["passed"] = bool(passed)
+    return report

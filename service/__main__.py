@@ -1,0 +1,129 @@
+"""`python -m service --model-repository REPO [--host H] [--port P] ...`
+
+Flags are generated from `Settings`, one per field, each also readable from its `RESNET_SERVE_*`
+variable. On SIGTERM or SIGINT, /readyz turns 503 at once; after `--drain-delay-ms` the listener
+closes, accepted requests finish (queued images included), the models are released, and the
+process exits 0. Exit status 2: bad configuration or repository; 1: a model failed to load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from .api import create_app
+from .engine import EngineError
+from .repository import RepositoryError
+from .serving import ModelServer
+from .settings import ENV_PREFIX, Settings
+
+log = logging.getLogger("service")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve the models of a model repository over HTTP. Every flag can also be "
+        f"set with the environment variable {ENV_PREFIX}<FLAG> (upper case, _ for -).",
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = ENV_PREFIX + name.upper()
+        default = "required" if field.is_required() else f"default: {field.default}"
+        help_text = f"{field.description} [{env}; {default}]".replace("%", "%%")
+        if field.annotation is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            choices = getattr(field.annotation, "__args__", None) if name == "log_level" else None
+            parser.add_argument(flag, default=None, choices=choices, help=help_text)
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> Settings:
+    """Settings from flags (which win) and environment variables; exits 2 when invalid."""
+    parser = build_parser()
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        parser.error(problems)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn with a readiness flip on the first stop signal, and an optional drain delay
+    between that flip and closing the listener."""
+
+    def __init__(self, config: uvicorn.Config, model_server: ModelServer, drain_ms: int) -> None:
+        super().__init__(config)
+        self._model_server = model_server
+        self._drain_s = drain_ms / 1000.0
+        self._stop_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._model_server.begin_draining()
+        if self._drain_s > 0 and self._stop_at is None:
+            self._stop_at = time.monotonic() + self._drain_s
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._stop_at is not None and time.monotonic() >= self._stop_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    server: _Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    try:
+        app = create_app(settings, on_fatal=stop)
+    except (RepositoryError, EngineError, ValueError) as exc:
+        log.critical("cannot start: %s", exc)
+        return 2
+    model_server: ModelServer = app.state.server
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        # Every accepted request ends by its own timeout; this only bounds a stuck shutdown.
+        timeout_graceful_shutdown=settings.request_timeout_ms / 1000.0 + 5.0,
+    )
+    server = _Server(config, model_server, settings.drain_delay_ms)
+    # uvicorn re-raises the stop signal after its graceful shutdown; a graceful stop is a
+    # success here, so let that re-raised signal end in `return` rather than a signal death.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if model_server.fatal is not None:
+        log.critical("exiting: %s", model_server.fatal)
+        return 1
+    return 0 if server.started else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

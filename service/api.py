@@ -1,0 +1,248 @@
+"""The HTTP adapter: thin routes over the data plane in `serving`, and `create_app(settings)`.
+
+No app exists until `create_app` is called; everything an app needs hangs off `app.state.server`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib import metadata as package_metadata
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from starlette.responses import Response
+
+from .bodies import FILE_PART, read_images
+from .errors import InvalidParameterError, ModelNotFoundError, install_error_handlers
+from .metrics import Metrics
+from .schemas import (
+    ClassifyResponse,
+    EmbedResponse,
+    ErrorResponse,
+    HealthResponse,
+    JSONResponse,
+    ModelInfo,
+    ModelsResponse,
+    ReadyResponse,
+)
+from .serving import ModelServer
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": f"multipart/form-data with one or more parts named `{FILE_PART}`, or one "
+        "raw image (JPEG, PNG, WebP, GIF, BMP or TIFF) with an image/* Content-Type",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        FILE_PART: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                        }
+                    },
+                    "required": [FILE_PART],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        400: "undecodable image, empty or malformed body",
+        404: "unknown model",
+        413: "body, image pixels or image count over the configured limits",
+        415: "unsupported Content-Type",
+        422: "invalid parameter",
+        503: "queue full or not ready; see Retry-After",
+        504: "not answered within the request timeout",
+    }
+    return {s: {"model": ErrorResponse, "description": descriptions[s]} for s in statuses}
+
+
+DEFAULT_TOP_K = 5
+_INFERENCE_ERRORS = _errors(400, 404, 413, 415, 422, 503, 504)
+
+ModelParam = Annotated[
+    str | None,
+    Query(description="model name; optional when one model is served or a default is set"),
+]
+
+
+def _server(request: Request) -> ModelServer:
+    server: ModelServer = request.app.state.server
+    return server
+
+
+Server = Annotated[ModelServer, Depends(_server)]
+router = APIRouter()
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=_INFERENCE_ERRORS,
+    openapi_extra=_IMAGE_BODY,
+    summary="Top-k classes per image",
+)
+async def classify(
+    request: Request,
+    server: Server,
+    model: ModelParam = None,
+    top_k: Annotated[
+        int | None,
+        Query(ge=1, description="classes per image, highest first (default: 5, or all if fewer)"),
+    ] = None,
+) -> Response:
+    async with server.request(model, "classify") as served:
+        entry = served.entry
+        if top_k is None:
+            top_k = min(DEFAULT_TOP_K, entry.num_classes)
+        elif top_k > entry.num_classes:
+            raise InvalidParameterError(
+                f"top_k={top_k} exceeds the model's {entry.num_classes} classes"
+            )
+        blobs = await _images(request, server.settings)
+        logits, _ = await server.infer(served, blobs)
+    predictions = top_k_predictions(logits, entry.labels, top_k)
+    return JSONResponse({"model": entry.name, "version": entry.version, "predictions": predictions})
+
+
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    responses=_INFERENCE_ERRORS,
+    openapi_extra=_IMAGE_BODY,
+    summary="Pooled embedding per image",
+)
+async def embed(
+    request: Request,
+    server: Server,
+    model: ModelParam = None,
+    normalize: Annotated[bool, Query(description="scale each embedding to unit L2 norm")] = False,
+) -> Response:
+    async with server.request(model, "embed") as served:
+        blobs = await _images(request, server.settings)
+        _, embeddings = await server.infer(served, blobs)
+    if normalize:
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        embeddings = embeddings / np.maximum(norms, np.finfo(np.float32).tiny)
+    entry = served.entry
+    return JSONResponse(
+        {
+            "model": entry.name,
+            "version": entry.version,
+            "dim": int(embeddings.shape[1]),
+            "embeddings": np.ascontiguousarray(embeddings, dtype=np.float32),
+        }
+    )
+
+
+@router.get("/models", response_model=ModelsResponse, summary="Every served model")
+async def list_models(server: Server) -> Response:
+    models = [m.describe(server.settings) for m in server.models.values()]
+    return JSONResponse({"models": models})
+
+
+@router.get("/models/{name}", response_model=ModelInfo, responses=_errors(404), summary="One model")
+async def get_model(name: str, server: Server) -> Response:
+    served = server.models.get(name)
+    if served is None:
+        raise ModelNotFoundError(f"no model named {name!r} (served: {sorted(server.models)})")
+    return JSONResponse(served.describe(server.settings))
+
+
+@router.get("/healthz", response_model=HealthResponse, summary="The process is alive")
+async def healthz() -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    responses={503: {"model": ReadyResponse, "description": "loading, draining or failed"}},
+    summary="200 only when every model is loaded and warmed",
+)
+async def readyz(server: Server) -> Response:
+    body = {"status": server.status, "models": {n: m.state for n, m in server.models.items()}}
+    if server.ready:
+        return JSONResponse(body)
+    headers = {"Retry-After": str(server.settings.retry_after_s)}
+    return JSONResponse(body, status_code=503, headers=headers)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    summary="Prometheus metrics",
+)
+async def metrics(server: Server) -> Response:
+    return Response(server.metrics.render(), media_type=server.metrics.content_type)
+
+
+async def _images(request: Request, settings: Settings) -> list[bytes]:
+    return await read_images(
+        request,
+        max_bytes=settings.max_request_bytes,
+        max_images=settings.max_images_per_request,
+    )
+
+
+def top_k_predictions(
+    logits: np.ndarray, labels: tuple[str, ...], k: int
+) -> list[list[dict[str, Any]]]:
+    """Softmax (in float64, so that small probabilities keep their digits), best k per row."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(shifted)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [
+        [{"index": int(i), "label": labels[i], "score": float(row[i])} for i in indices]
+        for row, indices in zip(probabilities, order, strict=True)
+    ]
+
+
+def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None) -> FastAPI:
+    """The service for `settings`. Reads the repository now (a bad one raises here); sessions
+    are built and warmed in the background once the app starts. `on_fatal` is called when that
+    fails, so that the process can exit non-zero instead of never becoming ready."""
+    server = ModelServer(settings, Metrics(), on_fatal=on_fatal)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.start()
+        try:
+            yield
+        finally:
+            await server.stop()
+
+    app = FastAPI(
+        title="resnet-serve",
+        version=_version(),
+        description="ResNet image classification and embeddings, served from ONNX graphs "
+        "with dynamic batching.",
+        lifespan=lifespan,
+        default_response_class=JSONResponse,
+    )
+    app.state.server = server
+    install_error_handlers(app)
+    app.include_router(router)
+    return app
+
+
+def _version() -> str:
+    try:
+        return package_metadata.version("resnet-serve")
+    except package_metadata.PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,105 @@
+"""Image bytes -> model input, exactly as the model was trained (torchvision's PIL path).
+
+Decode (JPEG at reduced scale when it is much larger than needed), apply EXIF orientation,
+convert to RGB, resize the shorter side (bilinear, antialiased), center-crop, scale to [0, 1],
+normalize, and write float32 CHW into a buffer the caller owns (a slice of the request's array),
+so that no per-image tensor is allocated. Runs in worker threads: Pillow releases the GIL while
+it decodes and resizes.
+
+Alpha is dropped, keeping the stored colour under it, rather than composited onto a background:
+that is what `Image.convert("RGB")` in torchvision's `ImageFolder` loader did at training time.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from models.preprocessing import Preprocessing
+
+from .errors import ImageTooLargeError, InvalidImageError
+
+# What the service accepts; other formats Pillow knows (EPS, PSD, ICO, ...) are refused, which
+# keeps rarely exercised decoders away from untrusted bytes.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+# Pillow raises these for truncated or corrupt data, some only once pixels are decoded.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError)
+
+
+def decode(data: bytes, *, min_shorter_side: int, max_pixels: int) -> Image.Image:
+    """An upright RGB image whose shorter side is still >= `min_shorter_side` (when it was)."""
+    if not data:
+        raise InvalidImageError("image is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            )
+        if min(width, height) < 1:
+            raise InvalidImageError(f"image has no pixels ({width}x{height})")
+        if image.format == "JPEG" and min(width, height) > min_shorter_side:
+            # DCT-domain downscaling by 1/2, 1/4 or 1/8: Pillow picks the largest factor that
+            # keeps both sides >= the requested size, so the resize below still only shrinks.
+            scale = min_shorter_side / min(width, height)
+            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        ImageOps.exif_transpose(image, in_place=True)
+        return _to_rgb(image)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image refused as a decompression bomb: {exc}") from None
+    except _DECODE_ERRORS as exc:
+        raise InvalidImageError(f"not a decodable image ({', '.join(FORMATS)}): {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16"):
+        # convert() would clip 16-bit samples at 255; keep their high byte instead.
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def resize_and_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
+    """torchvision's Resize(resize_shorter) then CenterCrop(crop), same size and offset rules."""
+    width, height = image.size
+    if width <= height:
+        size = (prep.resize_shorter, int(prep.resize_shorter * height / width))
+    else:
+        size = (int(prep.resize_shorter * width / height), prep.resize_shorter)
+    if size != image.size:
+        image = image.resize(size, _RESAMPLE[prep.interpolation], reducing_gap=None)
+    width, height = image.size
+    top = round((height - prep.crop) / 2.0)
+    left = round((width - prep.crop) / 2.0)
+    if (left, top, width, height) != (0, 0, prep.crop, prep.crop):
+        image = image.crop((left, top, left + prep.crop, top + prep.crop))
+    return image
+
+
+def normalize_into(pixels: np.ndarray, prep: Preprocessing, out: np.ndarray) -> None:
+    """uint8 HWC RGB -> ((x * scale) - mean) / std as float32 CHW, written into `out`."""
+    out[...] = pixels.transpose(2, 0, 1)
+    out *= np.float32(prep.scale)
+    out -= np.asarray(prep.mean, dtype=np.float32)[:, None, None]
+    out /= np.asarray(prep.std, dtype=np.float32)[:, None, None]
+
+
+def preprocess_into(data: bytes, prep: Preprocessing, out: np.ndarray, *, max_pixels: int) -> None:
+    """Decode one encoded image and write the model's input for it into `out` [3, crop, crop]."""
+    image = decode(data, min_shorter_side=prep.resize_shorter, max_pixels=max_pixels)
+    try:
+        image = resize_and_crop(image, prep)
+        pixels = np.asarray(image, dtype=np.uint8)
+    except _DECODE_ERRORS as exc:
+        raise InvalidImageError(f"not a decodable image: {exc}") from None
+    normalize_into(pixels, prep, out)

@@ -1,0 +1,98 @@
+"""Response models (what the OpenAPI document promises) and the orjson response that renders them.
+
+Handlers build plain dicts and numpy arrays and render them with orjson: `/embed` answers carry
+thousands of floats, and validating them through pydantic on every request would cost more than
+the inference. The models below document those bodies; tests check answers against them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, Field
+from starlette import responses
+
+
+class JSONResponse(responses.JSONResponse):
+    """JSON rendered by orjson, numpy arrays included."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, machine-readable reason, e.g. invalid_image")
+    message: str = Field(description="what went wrong, for humans")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Prediction(BaseModel):
+    index: int = Field(description="class index in the model's output")
+    label: str
+    score: float = Field(description="softmax probability")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: int
+    predictions: list[list[Prediction]] = Field(
+        description="one list per image, in request order, highest score first"
+    )
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    version: int
+    dim: int = Field(description="embedding size")
+    embeddings: list[list[float]] = Field(
+        description="one pooled (GAP) embedding per image, in request order"
+    )
+
+
+class TensorInfo(BaseModel):
+    name: str
+    shape: list[int | None]
+    dtype: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: int
+    arch: str
+    family: str
+    precision: str = Field(description="fp32, bf16 or int8: what the export's gate accepted")
+    engine: str = Field(description="onnxruntime or openvino")
+    state: Literal["loading", "ready", "failed"]
+    num_classes: int
+    embedding_dim: int
+    input: TensorInfo
+    provider: str | None = Field(
+        description="execution provider the session really runs on (null while loading)"
+    )
+    providers: list[str] = Field(description="the session's provider list, in priority order")
+    io_binding: bool = Field(description="inputs and outputs bound to the device (CUDA)")
+    max_batch_size: int = Field(description="largest batch this service forms for the model")
+    verified_max_batch_size: int | None = Field(
+        description="largest batch the export's parity gate verified"
+    )
+    max_delay_ms: float
+    max_queue_images: int
+    warmed_batch_sizes: list[int]
+    metadata: dict[str, Any] = Field(description="the model's metadata.json, verbatim")
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready", "loading", "draining", "failed"]
+    models: dict[str, Literal["loading", "ready", "failed"]]

@@ -1,0 +1,321 @@
+"""The data plane, free of HTTP: which models are served, loading and warming them, readiness,
+and one inference request from image bytes to logits and embeddings.
+
+Construction reads the repository and checks the providers synchronously, so a bad repository
+or a CUDA requirement that cannot be met stops start-up before the port opens. Building
+sessions and warming them runs afterwards in the background, while `/readyz` answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .batcher import Batcher
+from .engine import (
+    CUDA,
+    Engine,
+    EngineConfig,
+    available_cores,
+    create_engine,
+    resolve_providers,
+)
+from .errors import (
+    InvalidParameterError,
+    ModelNotFoundError,
+    NotReadyError,
+    RequestTimeoutError,
+    ServiceError,
+)
+from .metrics import Metrics
+from .preprocess import preprocess_into
+from .repository import ModelEntry, scan_repository
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .openvino_engine import OpenVINOEngine
+
+log = logging.getLogger(__name__)
+
+ModelState = Literal["loading", "ready", "failed"]
+
+
+class ServedModel:
+    """A repository entry plus what serving it needs at run time."""
+
+    def __init__(self, entry: ModelEntry, settings: Settings) -> None:
+        self.entry = entry
+        verified = entry.verified_max_batch_size
+        self.max_batch_size = min(settings.max_batch_size, verified or settings.max_batch_size)
+        if self.max_batch_size < settings.max_batch_size:
+            log.warning(
+                "model %s: max_batch_size %d clamped to %d, the largest batch its export verified",
+                entry.name,
+                settings.max_batch_size,
+                self.max_batch_size,
+            )
+        self.state: ModelState = "loading"
+        self.engine: Engine | OpenVINOEngine | None = None
+        self.batcher: Batcher | None = None
+        self.warmed: list[int] = []
+
+    def warmup_sizes(self, provider: str) -> list[int]:
+        """Every size the batcher can form on CUDA (a new shape can cost seconds there); on CPU
+        onnxruntime has no per-shape setup worth paying for, so the extremes are enough."""
+        if provider == CUDA:
+            return list(range(1, self.max_batch_size + 1))
+        return sorted({1, self.max_batch_size})
+
+    def describe(self, settings: Settings) -> dict[str, Any]:
+        """The `/models` view: metadata plus what is true at run time."""
+        entry, engine = self.entry, self.engine
+        return {
+            "name": entry.name,
+            "version": entry.version,
+            "arch": entry.metadata.get("arch", ""),
+            "family": entry.metadata.get("family", ""),
+            "precision": entry.precision,
+            "engine": entry.engine,
+            "state": self.state,
+            "num_classes": entry.num_classes,
+            "embedding_dim": entry.embedding_dim,
+            "input": {
+                "name": entry.input_name,
+                "shape": [None, *entry.input_shape],
+                "dtype": entry.metadata["input"].get("dtype", "float32"),
+            },
+            "provider": engine.provider if engine else None,
+            "providers": engine.providers if engine else [],
+            "io_binding": engine.io_binding if engine else False,
+            "max_batch_size": self.max_batch_size,
+            "verified_max_batch_size": entry.verified_max_batch_size,
+            "max_delay_ms": settings.max_delay_ms,
+            "max_queue_images": settings.max_queue_images,
+            "warmed_batch_sizes": self.warmed,
+            "metadata": entry.metadata,
+        }
+
+
+class ModelServer:
+    """Every served model, the decode pool, and the service's readiness."""
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics, *, on_fatal: Callable[[], None] | None = None
+    ) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.engine_config = EngineConfig(
+            providers=settings.provider_list,
+            require_cuda=settings.require_cuda,
+            intra_op_threads=settings.intra_op_threads,
+            allow_spinning=settings.allow_spinning,
+        )
+        self.providers = resolve_providers(self.engine_config)
+        entries = scan_repository(settings.model_repository)
+        if settings.default_model is not None and settings.default_model not in entries:
+            raise ValueError(
+                f"default_model {settings.default_model!r} is not in the repository "
+                f"(models: {sorted(entries)})"
+            )
+        self.models = {name: ServedModel(entry, settings) for name, entry in entries.items()}
+        self.draining = False
+        self.fatal: str | None = None
+        self._on_fatal = on_fatal
+        self._load_task: asyncio.Task[None] | None = None
+        self._decode_pool: ThreadPoolExecutor | None = None
+        log.info(
+            "serving %s from %s with providers %s",
+            ", ".join(f"{m.entry.name} v{m.entry.version}" for m in self.models.values()),
+            settings.model_repository,
+            self.providers,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return (
+            not self.draining
+            and self.fatal is None
+            and all(m.state == "ready" for m in self.models.values())
+        )
+
+    @property
+    def status(self) -> Literal["ready", "loading", "draining", "failed"]:
+        if self.fatal is not None:
+            return "failed"
+        if self.draining:
+            return "draining"
+        return "ready" if self.ready else "loading"
+
+    def start(self) -> None:
+        workers = self.settings.decode_workers or available_cores()
+        self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+        self._load_task = asyncio.create_task(self._load_all(), name="load-models")
+
+    def begin_draining(self) -> None:
+        """Stop reporting ready at once (SIGTERM); accepted and new requests are still served
+        until the HTTP server stops taking them."""
+        if not self.draining:
+            log.info("draining: /readyz now answers 503")
+        self.draining = True
+        self.metrics.ready.set(0)
+
+    async def stop(self) -> None:
+        self.begin_draining()
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+            await asyncio.gather(self._load_task, return_exceptions=True)
+        for model in self.models.values():
+            if model.batcher is not None:
+                await model.batcher.stop()
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=True, cancel_futures=True)
+
+    async def _load_all(self) -> None:
+        for model in self.models.values():
+            try:
+                await self._load(model)
+            except Exception as exc:
+                model.state = "failed"
+                self.fatal = f"model {model.entry.name} failed to load: {exc}"
+                log.critical("%s", self.fatal, exc_info=exc)
+                if self._on_fatal is not None:
+                    self._on_fatal()
+                return
+        self.metrics.ready.set(0 if self.draining else 1)
+        log.info("ready: every model is loaded and warmed")
+
+    async def _load(self, model: ServedModel) -> None:
+        entry, started = model.entry, time.monotonic()
+        engine = await asyncio.to_thread(
+            create_engine,
+            entry.model_file,
+            self.engine_config,
+            engine=entry.engine,
+            precision=entry.precision,
+            input_name=entry.input_name,
+            output_names=[entry.logits_name, entry.embedding_name],
+            input_shape=entry.input_shape,
+        )
+        model.engine = engine
+        if CUDA in self.providers and engine.provider != CUDA:
+            log.warning(
+                "model %s runs on %s although CUDA is available", entry.name, engine.provider
+            )
+        log.info(
+            "model %s v%d: session on %s (providers %s, io binding %s)",
+            entry.name,
+            entry.version,
+            engine.provider,
+            engine.providers,
+            engine.io_binding,
+        )
+        sizes = model.warmup_sizes(engine.provider)
+        model.warmed = await asyncio.to_thread(engine.warm, sizes, entry.input_shape)
+        model.batcher = Batcher(
+            entry.name,
+            engine.run,
+            max_batch_size=model.max_batch_size,
+            max_delay_ms=self.settings.max_delay_ms,
+            max_queue_images=self.settings.max_queue_images,
+            retry_after_s=self.settings.retry_after_s,
+            metrics=self.metrics,
+        )
+        model.batcher.start()
+        model.state = "ready"
+        log.info(
+            "model %s v%d: warmed batch sizes %s, ready after %.1f s",
+            entry.name,
+            entry.version,
+            model.warmed,
+            time.monotonic() - started,
+        )
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """The model a request names (only ever looked up in the dict), or the default one."""
+        if name is None:
+            name = self.settings.default_model
+            if name is None:
+                if len(self.models) != 1:
+                    raise InvalidParameterError(
+                        f"several models are served; name one with ?model= "
+                        f"(choices: {sorted(self.models)})"
+                    )
+                name = next(iter(self.models))
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFoundError(f"no model named {name!r} (served: {sorted(self.models)})")
+        return model
+
+    @asynccontextmanager
+    async def request(self, name: str | None, endpoint: str) -> AsyncIterator[ServedModel]:
+        """One inference request: resolves its model, enforces readiness and the timeout, and
+        records its outcome in the metrics."""
+        try:
+            model = self.resolve(name)
+        except ServiceError as exc:
+            self.metrics.requests.labels("", endpoint, str(exc.status)).inc()
+            raise
+        label, start, status = model.entry.name, time.monotonic(), 500
+        in_flight = self.metrics.in_flight.labels(label)
+        in_flight.inc()
+        timeout = asyncio.timeout(self.settings.request_timeout_ms / 1000.0)
+        try:
+            if model.state != "ready":
+                raise NotReadyError(
+                    f"model {label} is {model.state}", retry_after_s=self.settings.retry_after_s
+                )
+            async with timeout:
+                yield model
+            status = 200
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            status = RequestTimeoutError.status
+            raise RequestTimeoutError(
+                f"no answer within request_timeout_ms={self.settings.request_timeout_ms}"
+            ) from None
+        except ServiceError as exc:
+            status = exc.status
+            raise
+        finally:
+            in_flight.dec()
+            self.metrics.requests.labels(label, endpoint, str(status)).inc()
+            self.metrics.request_latency.labels(label, endpoint).observe(time.monotonic() - start)
+
+    async def infer(self, model: ServedModel, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """(logits [N, classes], embeddings [N, dim]) for encoded images, in order."""
+        batcher = model.batcher
+        if batcher is None or self._decode_pool is None:
+            raise NotReadyError("not serving yet", retry_after_s=self.settings.retry_after_s)
+        batcher.ensure_room(len(blobs))  # refuse before spending time on decoding
+        images = np.empty((len(blobs), *model.entry.input_shape), dtype=np.float32)
+        loop = asyncio.get_running_loop()
+        jobs = [
+            loop.run_in_executor(self._decode_pool, self._preprocess, model, index, blob, out)
+            for index, (blob, out) in enumerate(zip(blobs, images, strict=True))
+        ]
+        for result in await asyncio.gather(*jobs, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
+        self.metrics.images.labels(model.entry.name).inc(len(blobs))
+        outputs = await batcher.submit(images)
+        logits = np.stack([output[0] for output in outputs])
+        embeddings = np.stack([output[1] for output in outputs])
+        return logits, embeddings
+
+    def _preprocess(self, model: ServedModel, index: int, blob: bytes, out: np.ndarray) -> None:
+        start = time.monotonic()
+        try:
+            preprocess_into(
+                blob, model.entry.preprocessing, out, max_pixels=self.settings.max_image_pixels
+            )
+        except ServiceError as exc:
+            exc.message = f"image {index}: {exc.message}"
+            raise
+        self.metrics.preprocess_latency.labels(model.entry.name).observe(time.monotonic() - start)

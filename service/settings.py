@@ -1,0 +1,112 @@
+"""Typed service settings: one object, read from `RESNET_SERVE_*` variables and CLI flags.
+
+Every field is one flag (`--max-batch-size`) and one variable (`RESNET_SERVE_MAX_BATCH_SIZE`);
+flags win over variables. Values are checked across fields here, before anything loads, so a
+bad configuration fails start-up with one clear message instead of misbehaving under load.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Self
+
+from pydantic import DirectoryPath, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "RESNET_SERVE_"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_PROVIDER_ALIASES = {"cuda": CUDA, "cpu": CPU}
+
+
+class Settings(BaseSettings):
+    """How `python -m service` runs; `create_app(settings)` takes one of these."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    model_repository: DirectoryPath = Field(
+        description="model repository: REPO/<name>/<version>/{model.onnx,metadata.json}"
+    )
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    providers: str = Field(
+        "auto",
+        description="onnxruntime execution providers in order, comma-separated (full names or "
+        "cuda/cpu); auto: CUDA first when this onnxruntime build has it, else CPU",
+    )
+    require_cuda: bool = Field(
+        False, description="refuse to start unless every session really runs on CUDA"
+    )
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per session (0: cores)")
+    allow_spinning: bool = Field(
+        False,
+        description="let idle onnxruntime threads spin: a little lower latency, but the spinning "
+        "cores are lost to image decoding",
+    )
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        description="largest batch, in images; clamped per model to the batch size its export "
+        "verified (metadata max_batch_size)",
+    )
+    max_delay_ms: float = Field(
+        5.0, ge=0, description="how long a batch waits for more images after its first one"
+    )
+    max_queue_images: int = Field(
+        512,
+        ge=1,
+        description="images waiting for a batch, per model; past this, 503 with Retry-After",
+    )
+    request_timeout_ms: int = Field(
+        30_000, gt=0, description="a request not answered within this gets 504"
+    )
+    max_request_bytes: int = Field(64 * 2**20, gt=0, description="largest request body (413)")
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="largest image, width x height, checked before decoding (413)"
+    )
+    max_images_per_request: int = Field(64, ge=1, description="most images in one request (413)")
+    decode_workers: int = Field(
+        0, ge=0, description="threads decoding and preprocessing images (0: one per core)"
+    )
+    default_model: str | None = Field(
+        None, description="model used when a request names none (needed with several models)"
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 answers")
+    drain_delay_ms: int = Field(
+        0,
+        ge=0,
+        description="on SIGTERM, keep serving this long with /readyz at 503 (so load balancers "
+        "stop routing here) before closing the listener and finishing accepted requests",
+    )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="log level of the service and uvicorn"
+    )
+    access_log: bool = Field(True, description="log one line per HTTP request")
+
+    @model_validator(mode="after")
+    def _check_across_fields(self) -> Self:
+        providers = self.provider_list
+        if providers != "auto" and self.require_cuda and CUDA not in providers:
+            raise ValueError(f"require_cuda is set but providers={self.providers!r} omit CUDA")
+        if self.max_images_per_request > self.max_queue_images:
+            raise ValueError(
+                f"max_images_per_request ({self.max_images_per_request}) exceeds "
+                f"max_queue_images ({self.max_queue_images}): such a request could never be queued"
+            )
+        if self.max_batch_size > self.max_queue_images:
+            raise ValueError(
+                f"max_batch_size ({self.max_batch_size}) exceeds max_queue_images "
+                f"({self.max_queue_images}): batches that size could never form"
+            )
+        if self.request_timeout_ms <= self.max_delay_ms:
+            raise ValueError("request_timeout_ms must be longer than max_delay_ms")
+        return self
+
+    @property
+    def provider_list(self) -> tuple[str, ...] | Literal["auto"]:
+        """`providers` parsed: "auto", or full onnxruntime provider names in order."""
+        if self.providers.strip().lower() == "auto":
+            return "auto"
+        names = [p.strip() for p in self.providers.split(",") if p.strip()]
+        if not names:
+            raise ValueError("providers is empty; use auto or a comma-separated list")
+        return tuple(_PROVIDER_ALIASES.get(n.lower(), n) for n in names)

@@ -1,0 +1,215 @@
+"""Helpers for the service tests: tiny hand-made ONNX repositories, exported repositories, and a
+real `python -m service` process on a free local port."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from models.preprocessing import Preprocessing
+
+from .conftest import ROOT
+
+READY_DEADLINE_S = 60.0
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_bytes(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def decompression_bomb_png(side: int = 20_000) -> bytes:
+    """A valid PNG of side x side 1-bit pixels (all zero): a few tens of kB that decode to
+    side^2 pixels, 400 million (1.2 GB as RGB) by default."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (side + 7) // 8)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def multipart(blobs: Sequence[bytes], content_type: str = "image/png") -> list[Any]:
+    return [("file", (f"{i}.png", blob, content_type)) for i, blob in enumerate(blobs)]
+
+
+def tiny_graph(num_classes: int, crop: int, *, dynamic: bool = True, seed: int = 0) -> bytes:
+    """images [N,3,crop,crop] -> embedding = channel means [N,3], logits = Gemm [N,classes]."""
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(size=(num_classes, 3)).astype(np.float32)
+    bias = rng.normal(size=(num_classes,)).astype(np.float32)
+    batch: int | str = "N" if dynamic else 1
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["embedding"], axis=1),
+            helper.make_node("Gemm", ["embedding", "weight", "bias"], ["logits"], transB=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, crop, crop])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, num_classes]),
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [batch, 3]),
+        ],
+        initializer=[
+            numpy_helper.from_array(weight, "weight"),
+            numpy_helper.from_array(bias, "bias"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def write_tiny_model(
+    repo: Path,
+    name: str = "tiny",
+    version: int = 1,
+    *,
+    num_classes: int = 4,
+    crop: int = 8,
+    max_batch_size: int = 16,
+    dynamic: bool = True,
+    **overrides: Any,
+) -> Path:
+    """A complete repository version (docs/repository.md) around `tiny_graph`."""
+    directory = repo / name / str(version)
+    directory.mkdir(parents=True)
+    graph = tiny_graph(num_classes, crop, dynamic=dynamic)
+    (directory / "model.onnx").write_bytes(graph)
+    metadata: dict[str, Any] = {
+        "format_version": 1,
+        "name": name,
+        "version": version,
+        "arch": "tiny",
+        "family": "cifar",
+        "model_file": "model.onnx",
+        "model_sha256": hashlib.sha256(graph).hexdigest(),
+        "precision": "fp32",
+        "input": {"name": "images", "shape": [None, 3, crop, crop], "dtype": "float32"},
+        "outputs": {
+            "logits": {"name": "logits", "shape": [None, num_classes], "dtype": "float32"},
+            "embedding": {"name": "embedding", "shape": [None, 3], "dtype": "float32"},
+        },
+        "num_classes": num_classes,
+        "embedding_dim": 3,
+        "labels": [f"class{i}" for i in range(num_classes)],
+        "preprocessing": Preprocessing(resize_shorter=crop, crop=crop).to_dict(),
+        "max_batch_size": max_batch_size,
+        "parity": {"passed": True},
+    }
+    metadata.update(overrides)
+    (directory / "metadata.json").write_text(json.dumps(metadata), "utf-8")
+    return directory
+
+
+def export(arch: str, weights: str, repo: Path, *extra: str) -> None:
+    """`python -m export`, as a user runs it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "export", arch, "--weights", weights, "--out", str(repo), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"export {arch} failed: {result.stderr or result.stdout}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServiceProcess:
+    """`python -m service` in a subprocess on 127.0.0.1; its log goes to a file for failures."""
+
+    def __init__(self, repo: Path, log_path: Path, *args: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        command = [sys.executable, "-m", "service", "--model-repository", str(repo)]
+        command += ["--port", str(self.port), *args]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
+        environment.update(env or {})
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=environment
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text("utf-8", "replace")
+
+    def wait_listening(self, deadline_s: float = READY_DEADLINE_S) -> None:
+        self._wait(lambda r: True, "listening", deadline_s, "/healthz")
+
+    def wait_ready(self, deadline_s: float = READY_DEADLINE_S) -> None:
+        self._wait(lambda r: r.status_code == 200, "ready", deadline_s, "/readyz")
+
+    def _wait(self, done: Any, what: str, deadline_s: float, path: str) -> None:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited ({self.process.returncode}):\n{self.log()}")
+            try:
+                if done(httpx.get(self.url + path, timeout=2.0)):
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.02)
+        raise TimeoutError(f"service not {what} within {deadline_s} s:\n{self.log()}")
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, then the exit status (a hung process is killed and fails the caller)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        finally:
+            self._log.close()
+
+    def __enter__(self) -> ServiceProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.terminate()
+        self._log.close()

@@ -1,0 +1,215 @@
+"""The batcher on its own: batch formation, deadlines, order, bounds, failures, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher
+from service.errors import InferenceError, NotReadyError, QueueFullError
+from service.metrics import Metrics
+
+
+class Recorder:
+    """An `infer` that doubles its input and records the batch sizes it saw."""
+
+    def __init__(self, delay_s: float = 0.0, fail: Exception | None = None) -> None:
+        self.sizes: list[int] = []
+        self.delay_s, self.fail = delay_s, fail
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        self.sizes.append(len(batch))
+        time.sleep(self.delay_s)
+        if self.fail is not None:
+            raise self.fail
+        return [batch * 2, batch[:, :1]]
+
+
+def make(infer: Callable[[np.ndarray], Any], **kwargs: Any) -> Batcher:
+    options = {"max_batch_size": 4, "max_delay_ms": 20, "max_queue_images": 16, "retry_after_s": 3}
+    options.update(kwargs)
+    return Batcher("m", infer, metrics=Metrics(), **options)
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(main())
+
+
+def images(*values: float) -> np.ndarray:
+    return np.array([[v, v + 0.5] for v in values], dtype=np.float32)
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
+    infer = Recorder()
+
+    async def main() -> None:
+        batcher = make(infer)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(images(i)) for i in range(8)))
+        await batcher.stop()
+        for i, result in enumerate(results):
+            doubled, first = result[0]
+            np.testing.assert_array_equal(doubled, images(i)[0] * 2)
+            assert first.tolist() == [i]
+
+    run(main)
+    assert sum(infer.sizes) == 8
+    assert max(infer.sizes) == 4  # closed at max_batch_size, never beyond
+
+
+def test_a_request_larger_than_a_batch_keeps_its_order() -> None:
+    infer = Recorder()
+
+    async def main() -> None:
+        batcher = make(infer)
+        batcher.start()
+        values = list(range(10))
+        result = await batcher.submit(images(*values))
+        await batcher.stop()
+        assert [float(out[1][0]) for out in result] == values
+
+    run(main)
+    assert infer.sizes == [4, 4, 2]
+
+
+def test_a_lone_image_waits_at_most_the_delay() -> None:
+    async def main() -> None:
+        batcher = make(Recorder(), max_delay_ms=50)
+        batcher.start()
+        start = time.monotonic()
+        await batcher.submit(images(1))
+        elapsed = time.monotonic() - start
+        await batcher.stop()
+        assert 0.04 <= elapsed < 0.5
+
+    run(main)
+
+
+def test_full_queue_refuses_the_whole_request_with_retry_after() -> None:
+    async def main() -> None:
+        batcher = make(Recorder(), max_queue_images=6, max_batch_size=4, max_delay_ms=200)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(images(0, 1, 2)))
+        await asyncio.sleep(0.05)  # in the forming batch, which waits for its deadline
+        with pytest.raises(QueueFullError) as refused:
+            await batcher.submit(images(*range(4)))
+        assert refused.value.status == 503
+        assert refused.value.headers == {"Retry-After": "3"}
+        assert len(await batcher.submit(images(3, 4, 5))) == 3  # fits exactly
+        assert len(await first) == 3
+        await batcher.stop()
+
+    run(main)
+
+
+def test_an_inference_error_fails_every_request_of_the_batch() -> None:
+    async def main() -> None:
+        batcher = make(Recorder(fail=RuntimeError("device lost")))
+        batcher.start()
+        results = await asyncio.gather(
+            *(batcher.submit(images(i)) for i in range(3)), return_exceptions=True
+        )
+        await batcher.stop()
+        assert all(isinstance(r, InferenceError) for r in results)
+        assert "device lost" in str(results[0])
+        assert isinstance(results[0].__cause__, RuntimeError)
+
+    run(main)
+
+
+def test_one_output_per_input_is_checked() -> None:
+    async def main() -> None:
+        batcher = make(lambda batch: [batch[:1]])
+        batcher.start()
+        with pytest.raises(InferenceError, match="outputs of sizes"):
+            await batcher.submit(images(1, 2))
+        await batcher.stop()
+
+    run(main)
+
+
+def test_abandoned_images_are_skipped() -> None:
+    infer = Recorder(delay_s=0.1)
+
+    async def main() -> None:
+        batcher = make(infer, max_batch_size=1)
+        batcher.start()
+        busy = asyncio.create_task(batcher.submit(images(0)))
+        await asyncio.sleep(0.02)  # the first batch is running
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.03):
+                await batcher.submit(images(1, 2, 3))
+        await busy
+        await batcher.stop()
+
+    run(main)
+    assert infer.sizes == [1]
+
+
+def test_stop_finishes_queued_images_then_refuses_new_ones() -> None:
+    infer = Recorder(delay_s=0.05)
+
+    async def main() -> None:
+        batcher = make(infer, max_batch_size=2)
+        batcher.start()
+        pending = [asyncio.create_task(batcher.submit(images(i))) for i in range(5)]
+        await asyncio.sleep(0)
+        await batcher.stop()
+        assert all(task.done() and not task.exception() for task in pending)
+        with pytest.raises(NotReadyError):
+            await batcher.submit(images(9))
+
+    run(main)
+    assert sum(infer.sizes) == 5
+
+
+def test_batches_never_mix_models() -> None:
+    seen: dict[str, list[set[float]]] = {"a": [], "b": []}
+
+    def infer_for(name: str) -> Callable[[np.ndarray], list[np.ndarray]]:
+        def infer(batch: np.ndarray) -> list[np.ndarray]:
+            seen[name].append(set(batch[:, 1].tolist()))
+            return [batch]
+
+        return infer
+
+    async def main() -> None:
+        a, b = make(infer_for("a")), make(infer_for("b"))
+        a.start()
+        b.start()
+        jobs = [a.submit(images(1, 1)) for _ in range(5)] + [b.submit(images(2)) for _ in range(5)]
+        await asyncio.gather(*jobs)
+        await asyncio.gather(a.stop(), b.stop())
+
+    run(main)
+    assert all(values == {1.5} for values in seen["a"])
+    assert all(values == {2.5} for values in seen["b"])
+
+
+def test_metrics_record_batches_and_queue() -> None:
+    metrics = Metrics()
+
+    async def main() -> None:
+        batcher = Batcher(
+            "m",
+            Recorder(),
+            max_batch_size=4,
+            max_delay_ms=20,
+            max_queue_images=16,
+            retry_after_s=1,
+            metrics=metrics,
+        )
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(images(i)) for i in range(4)))
+        await batcher.stop()
+
+    run(main)
+    registry = metrics.registry
+    assert registry.get_sample_value("resnet_serve_batch_size_images_sum", {"model": "m"}) == 4
+    assert registry.get_sample_value("resnet_serve_queue_wait_seconds_count", {"model": "m"}) == 4
+    assert registry.get_sample_value("resnet_serve_queue_depth_images", {"model": "m"}) == 0

@@ -1,0 +1,159 @@
+"""Preprocessing: training-identical inputs, every image mode, orientation, reduced-scale JPEG
+decoding, and refusals of what is not a (safe) image."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.preprocessing import CIFAR, IMAGENET
+from service.errors import ImageTooLargeError, InvalidImageError
+from service.preprocess import decode, normalize_into, preprocess_into, resize_and_crop
+
+from .conftest import PHOTOS, normalize_cifar, require
+from .service_helpers import decompression_bomb_png, image_bytes, png_bytes
+
+MAX_PIXELS = 40_000_000
+
+
+def preprocess(data: bytes, prep=IMAGENET) -> np.ndarray:  # type: ignore[no-untyped-def]
+    out = np.empty((3, prep.crop, prep.crop), dtype=np.float32)
+    preprocess_into(data, prep, out, max_pixels=MAX_PIXELS)
+    return out
+
+
+def two_colour_image(width: int, height: int) -> Image.Image:
+    """Left half red, right half blue: orientation shows."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[:, : width // 2, 0] = 255
+    pixels[:, width // 2 :, 2] = 255
+    return Image.fromarray(pixels)
+
+
+def test_cifar_png_gives_exactly_the_training_input() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    out = preprocess(png_bytes(pixels), CIFAR)
+    np.testing.assert_allclose(out, normalize_cifar(pixels[None])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("size", "resized"),
+    [((500, 375), (341, 256)), ((335, 500), (256, 382)), ((411, 120), (876, 256))],
+)
+def test_resize_shorter_side_then_center_crop(
+    size: tuple[int, int], resized: tuple[int, int]
+) -> None:
+    image = Image.new("RGB", size)
+    assert image.resize(resized).size == resized  # the torchvision Resize(256) sizes
+    assert resize_and_crop(image, IMAGENET).size == (224, 224)
+
+
+def test_center_crop_keeps_the_center() -> None:
+    pixels = np.zeros((256, 400, 3), dtype=np.uint8)
+    pixels[:, 88:312] = 200  # the central 224 columns
+    crop = np.asarray(resize_and_crop(Image.fromarray(pixels), IMAGENET))
+    assert crop.shape == (224, 224, 3)
+    assert (crop == 200).all()
+
+
+def test_exif_orientation_is_applied() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    data = image_bytes(two_colour_image(64, 32), "JPEG", quality=95, exif=exif)
+    image = decode(data, min_shorter_side=32, max_pixels=MAX_PIXELS)
+    assert image.size == (32, 64)
+    pixels = np.asarray(image).astype(int)
+    assert pixels[:24, :, 0].mean() > 200 and pixels[:24, :, 2].mean() < 50  # red on top
+    assert pixels[40:, :, 2].mean() > 200 and pixels[40:, :, 0].mean() < 50  # blue below
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "1"])
+def test_every_mode_becomes_rgb(mode: str) -> None:
+    image = two_colour_image(40, 40).convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    decoded = decode(image_bytes(image, fmt), min_shorter_side=8, max_pixels=MAX_PIXELS)
+    assert decoded.mode == "RGB"
+    assert preprocess(image_bytes(image, fmt), CIFAR).shape == (3, 32, 32)
+
+
+def test_grayscale_gives_three_equal_channels() -> None:
+    data = image_bytes(Image.linear_gradient("L").resize((64, 64)), "PNG")
+    out = preprocess(data, CIFAR)
+    std = np.asarray(CIFAR.std)[:, None, None]
+    mean = np.asarray(CIFAR.mean)[:, None, None]
+    raw = out * std + mean  # back to [0, 1]
+    np.testing.assert_allclose(raw[0], raw[1], atol=1e-5)
+    np.testing.assert_allclose(raw[1], raw[2], atol=1e-5)
+
+
+def test_alpha_is_dropped_keeping_the_stored_colour() -> None:
+    pixels = np.zeros((32, 32, 4), dtype=np.uint8)
+    pixels[..., 1] = 180  # green everywhere, fully transparent
+    data = png_bytes(pixels)
+    out = preprocess(data, CIFAR)
+    np.testing.assert_allclose(out, normalize_cifar(pixels[None, ..., :3])[0], atol=1e-6)
+
+
+def test_sixteen_bit_images_keep_their_range() -> None:
+    pixels = np.full((32, 32), 40000, dtype=np.uint16)
+    decoded = decode(
+        image_bytes(Image.fromarray(pixels), "PNG"), min_shorter_side=8, max_pixels=10**6
+    )
+    assert np.asarray(decoded)[0, 0].tolist() == [40000 >> 8] * 3
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_result() -> None:
+    path = require(PHOTOS / "n02091032_Italian_greyhound.jpg")  # 2400x1600
+    data = path.read_bytes()
+    reduced = decode(data, min_shorter_side=256, max_pixels=MAX_PIXELS)
+    assert reduced.size == (600, 400)  # DCT scaling by 1/4: still >= 256 on the short side
+
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    reference = np.empty((3, 224, 224), dtype=np.float32)
+    normalize_into(np.asarray(resize_and_crop(full, IMAGENET)), IMAGENET, reference)
+    difference = np.abs(preprocess(data) - reference)
+    assert difference.mean() < 0.03  # of inputs spanning about [-2, 2.6]
+
+
+def test_small_jpeg_is_decoded_in_full() -> None:
+    data = image_bytes(two_colour_image(300, 260), "JPEG")
+    assert decode(data, min_shorter_side=256, max_pixels=MAX_PIXELS).size == (300, 260)
+
+
+def test_first_frame_of_an_animation() -> None:
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    out = preprocess(buffer.getvalue(), CIFAR)
+    assert out[0].mean() > out[2].mean()  # red
+
+
+@pytest.mark.parametrize("side", [8_000, 20_000])  # over our limit; over Pillow's own
+def test_decompression_bombs_are_refused_before_decoding(side: int) -> None:
+    with pytest.raises(ImageTooLargeError):
+        preprocess(decompression_bomb_png(side))
+
+
+def test_pixel_limit_is_configurable() -> None:
+    data = png_bytes(np.zeros((100, 100, 3), dtype=np.uint8))
+    with pytest.raises(ImageTooLargeError, match="10000 pixels; the limit is 9999"):
+        decode(data, min_shorter_side=8, max_pixels=9_999)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"hello, this is text and not an image",
+        b"\xff\xd8\xff\xe0" + bytes(100),  # a JPEG signature, then garbage
+        image_bytes(Image.new("RGB", (64, 64)), "JPEG")[:300],  # truncated
+        image_bytes(Image.new("RGB", (64, 64)), "ICO"),  # a format we do not accept
+    ],
+    ids=["empty", "text", "corrupt", "truncated", "ico"],
+)
+def test_undecodable_bytes_are_invalid_images(data: bytes) -> None:
+    with pytest.raises(InvalidImageError):
+        preprocess(data)
