@@ -16,8 +16,10 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from starlette.responses import Response
 
 from .bodies import FILE_PART, read_images
+from .disconnect import unless_disconnected
 from .errors import InvalidParameterError, ModelNotFoundError, install_error_handlers
 from .metrics import Metrics
+from .oip import router as oip_router
 from .schemas import (
     ClassifyResponse,
     EmbedResponse,
@@ -79,7 +81,9 @@ ModelParam = Annotated[
 ]
 
 
-def _server(request: Request) -> ModelServer:
+async def _server(request: Request) -> ModelServer:
+    """Async on purpose: FastAPI runs sync dependencies in its thread pool, a thread hop per
+    request and up to 40 threads under a burst."""
     server: ModelServer = request.app.state.server
     return server
 
@@ -113,7 +117,7 @@ async def classify(
                 f"top_k={top_k} exceeds the model's {entry.num_classes} classes"
             )
         blobs = await _images(request, server.settings)
-        logits, _ = await server.infer(served, blobs)
+        logits, _ = await unless_disconnected(request, server.infer(served, blobs))
     predictions = top_k_predictions(logits, entry.labels, top_k)
     return JSONResponse({"model": entry.name, "version": entry.version, "predictions": predictions})
 
@@ -133,7 +137,7 @@ async def embed(
 ) -> Response:
     async with server.request(model, "embed") as served:
         blobs = await _images(request, server.settings)
-        _, embeddings = await server.infer(served, blobs)
+        _, embeddings = await unless_disconnected(request, server.infer(served, blobs))
     if normalize:
         norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
         embeddings = embeddings / np.maximum(norms, np.finfo(np.float32).tiny)
@@ -238,6 +242,7 @@ def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None
     app.state.server = server
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(oip_router)
     return app
 
 

@@ -3,10 +3,12 @@
 A batch closes at `max_batch_size` images or `max_delay_ms` after its first image arrived,
 whichever comes first; while a batch runs (in a thread, off the event loop), the next one fills
 up, so under load batches grow by themselves and at low load an image waits at most
-`max_delay_ms`. Waiting images (queued or in the batch being formed) are bounded: a request
-that does not fit is refused whole (503), never half-queued. Each image has its own future; a
-request awaits its images' futures in order, so results come back in request order even when
-its images span several batches.
+`max_delay_ms`. Waiting images (reserved while they are decoded, queued, or in the batch being
+formed) are bounded: a request that does not fit is refused whole (503), never half-queued, and
+before any decoding is spent on it, so that a burst far above capacity is turned away at once.
+Each image has its own future; a request awaits its images' futures in order, so results come
+back in request order even when its images span several batches. An image whose request has
+gone (timed out, client disconnected) is dropped before its batch runs.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
-        self._waiting = 0  # images submitted and not yet running: queued or in a forming batch
+        self._waiting = 0  # images admitted and not yet running: reserved, queued or forming
         self._queue_wait = metrics.queue_wait.labels(name)
         self._queue_depth = metrics.queue_depth.labels(name)
         self._batch_size = metrics.batch_size.labels(name)
@@ -96,13 +98,22 @@ class Batcher:
                 retry_after_s=self._retry_after_s,
             )
 
-    async def submit(self, images: np.ndarray) -> list[Outputs]:
-        """Outputs for each image of `images` [N, ...], in order; N must fit the queue whole."""
+    def reserve(self, count: int) -> None:
+        """Count `count` images as waiting before they exist (while their request is decoded),
+        or raise NotReadyError / QueueFullError; `release(count)` gives the room back."""
         if self._closed or self._task is None:
             raise NotReadyError(
                 f"model {self.name} is not serving", retry_after_s=self._retry_after_s
             )
-        self.ensure_room(len(images))
+        self.ensure_room(count)
+        self._set_waiting(count)
+
+    def release(self, count: int) -> None:
+        self._set_waiting(-count)
+
+    async def submit(self, images: np.ndarray) -> list[Outputs]:
+        """Outputs for each image of `images` [N, ...], in order; N must fit the queue whole."""
+        self.reserve(len(images))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         futures: list[asyncio.Future[Outputs]] = []
@@ -110,7 +121,6 @@ class Batcher:
             future: asyncio.Future[Outputs] = loop.create_future()
             self._queue.put_nowait(_Item(image, future, now))
             futures.append(future)
-        self._set_waiting(len(images))
         try:
             return list(await asyncio.gather(*futures))
         finally:
@@ -160,6 +170,10 @@ class Batcher:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         start = time.monotonic()
         self._set_waiting(-len(batch))
+        # Requests can give up while their batch forms (up to max_delay_ms): skip their images.
+        batch = [item for item in batch if not item.future.done()]
+        if not batch:
+            return
         for item in batch:
             self._queue_wait.observe(start - item.enqueued)
         self._batch_size.observe(len(batch))

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .errors import (
+    ClientDisconnectedError,
     EmptyRequestError,
     MalformedRequestError,
     RequestTooLargeError,
@@ -32,7 +33,7 @@ async def read_images(request: Request, *, max_bytes: int, max_images: int) -> l
             f"unsupported Content-Type {media or '(none)'!r}: send multipart/form-data with parts "
             f"named {FILE_PART!r}, or one image with an image/* Content-Type"
         )
-    body = await _read_body(request, max_bytes)
+    body = await read_body(request, max_bytes)
     if not body:
         raise EmptyRequestError("the request body is empty; send at least one image")
     if media.startswith("image/"):
@@ -46,16 +47,21 @@ async def read_images(request: Request, *, max_bytes: int, max_images: int) -> l
     return images
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
+async def read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise RequestTooLargeError(f"request body of {declared} bytes exceeds {max_bytes} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise RequestTooLargeError(f"request body exceeds {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise RequestTooLargeError(f"request body exceeds {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnectedError(
+            f"client disconnected after {size} bytes of the request body"
+        ) from None
     return b"".join(chunks)
 
 

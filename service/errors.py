@@ -2,7 +2,9 @@
 
 One handler renders them all as `{"error": {"code": ..., "message": ...}}`; FastAPI's own
 validation errors and Starlette's HTTP errors (unknown route, wrong method) take the same shape,
-so clients parse one format. Client errors are logged in one line, without a traceback.
+so clients parse one format. Under `/v2` (the Open Inference Protocol, service/oip.py) the body is
+`{"error": message}`, as that protocol requires. Client errors are logged in one line, without a
+traceback.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from http import HTTPStatus
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +22,8 @@ from starlette.responses import Response
 from .schemas import JSONResponse
 
 log = logging.getLogger(__name__)
+
+OIP_PREFIX = "/v2"
 
 
 class ServiceError(Exception):
@@ -93,10 +97,25 @@ class RequestTimeoutError(ServiceError):
     status, code = 504, "timeout"
 
 
+class ClientDisconnectedError(ServiceError):
+    """The client went away before its answer. Nobody reads this response; its status (nginx's
+    499) keeps the metrics and the log honest about why the request ended."""
+
+    status, code = 499, "client_closed_request"
+
+
 def error_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
 ) -> Response:
-    body = {"error": {"code": code, "message": message}}
+    """Our error body, or `{"error": message}` under the Open Inference Protocol's prefix."""
+    path = request.url.path
+    body: dict[str, Any] = {"error": {"code": code, "message": message}}
+    if path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/"):
+        body = {"error": message}
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
 
 
@@ -114,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
         _log(request, exc.status, exc.code, exc.message, exc)
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_response(request, exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -124,7 +143,7 @@ def install_error_handlers(app: FastAPI) -> None:
             parts.append(f"{where}: {error.get('msg', 'invalid')}")
         message = "; ".join(parts) or "invalid request"
         _log(request, 422, InvalidParameterError.code, message, exc)
-        return error_response(422, InvalidParameterError.code, message)
+        return error_response(request, 422, InvalidParameterError.code, message)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -132,9 +151,9 @@ def install_error_handlers(app: FastAPI) -> None:
         code = phrase.lower().replace(" ", "_").replace("-", "_")
         message = exc.detail if isinstance(exc.detail, str) else phrase
         _log(request, exc.status_code, code, message, exc)
-        return error_response(exc.status_code, code, message, exc.headers)
+        return error_response(request, exc.status_code, code, message, exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> Response:
         _log(request, 500, ServiceError.code, str(exc), exc)
-        return error_response(500, ServiceError.code, "internal server error")
+        return error_response(request, 500, ServiceError.code, "internal server error")

@@ -39,7 +39,7 @@ class Metrics:
         )
         self.images = Counter(
             "resnet_serve_images_total",
-            "Images decoded and sent to inference.",
+            "Images sent to inference (decoded, or given as preprocessed tensors).",
             ["model"],
             registry=r,
         )
@@ -65,7 +65,7 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "resnet_serve_queue_depth_images",
-            "Images waiting for their batch to run (queued or in the batch being formed).",
+            "Images waiting for their batch to run (being decoded, queued, or in a forming batch).",
             ["model"],
             registry=r,
         )

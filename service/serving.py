@@ -293,17 +293,33 @@ class ModelServer:
         batcher = model.batcher
         if batcher is None or self._decode_pool is None:
             raise NotReadyError("not serving yet", retry_after_s=self.settings.retry_after_s)
-        batcher.ensure_room(len(blobs))  # refuse before spending time on decoding
-        images = np.empty((len(blobs), *model.entry.input_shape), dtype=np.float32)
-        loop = asyncio.get_running_loop()
-        jobs = [
-            loop.run_in_executor(self._decode_pool, self._preprocess, model, index, blob, out)
-            for index, (blob, out) in enumerate(zip(blobs, images, strict=True))
-        ]
-        for result in await asyncio.gather(*jobs, return_exceptions=True):
-            if isinstance(result, BaseException):
-                raise result
-        self.metrics.images.labels(model.entry.name).inc(len(blobs))
+        # Room in the queue is held while decoding, so that a burst is refused (503) before any
+        # decoding is spent on it. It is handed back just before `submit` takes it again, with
+        # no await in between: no other request can take it meanwhile.
+        batcher.reserve(len(blobs))
+        try:
+            images = np.empty((len(blobs), *model.entry.input_shape), dtype=np.float32)
+            loop = asyncio.get_running_loop()
+            jobs = [
+                loop.run_in_executor(self._decode_pool, self._preprocess, model, index, blob, out)
+                for index, (blob, out) in enumerate(zip(blobs, images, strict=True))
+            ]
+            for result in await asyncio.gather(*jobs, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
+        finally:
+            batcher.release(len(blobs))
+        return await self.infer_tensors(model, images)
+
+    async def infer_tensors(
+        self, model: ServedModel, images: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The same for inputs already preprocessed, float32 [N, *input_shape] (Open Inference
+        Protocol tensors): they join the same batcher as decoded images."""
+        batcher = model.batcher
+        if batcher is None:
+            raise NotReadyError("not serving yet", retry_after_s=self.settings.retry_after_s)
+        self.metrics.images.labels(model.entry.name).inc(len(images))
         outputs = await batcher.submit(images)
         logits = np.stack([output[0] for output in outputs])
         embeddings = np.stack([output[1] for output in outputs])
