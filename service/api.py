@@ -5,6 +5,7 @@ No app exists until `create_app` is called; everything an app needs hangs off `a
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +33,8 @@ from .schemas import (
 )
 from .serving import ModelServer
 from .settings import Settings
+
+NPY = "application/x-npy"
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,14 @@ async def classify(
 @router.post(
     "/embed",
     response_model=EmbedResponse,
-    responses=_INFERENCE_ERRORS,
+    responses={
+        **_INFERENCE_ERRORS,
+        200: {
+            "content": {NPY: {}},
+            "description": "JSON by default; with `Accept: application/x-npy`, the float32 "
+            "[N, dim] array in NumPy's .npy format (model and version in X-Model headers)",
+        },
+    },
     openapi_extra=_IMAGE_BODY,
     summary="Pooled embedding per image",
 )
@@ -142,12 +152,19 @@ async def embed(
         norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
         embeddings = embeddings / np.maximum(norms, np.finfo(np.float32).tiny)
     entry = served.entry
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if NPY in request.headers.get("accept", ""):
+        # Binary for clients that ask: no float formatting or parsing at either end.
+        buffer = io.BytesIO()
+        np.save(buffer, embeddings, allow_pickle=False)
+        headers = {"X-Model": entry.name, "X-Model-Version": str(entry.version)}
+        return Response(buffer.getvalue(), media_type=NPY, headers=headers)
     return JSONResponse(
         {
             "model": entry.name,
             "version": entry.version,
             "dim": int(embeddings.shape[1]),
-            "embeddings": np.ascontiguousarray(embeddings, dtype=np.float32),
+            "embeddings": embeddings,
         }
     )
 

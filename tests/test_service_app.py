@@ -5,6 +5,7 @@ The real server over HTTP with real models is tested in test_service_e2e.py.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import threading
@@ -94,6 +95,21 @@ def test_classify_and_embed(client: TestClient) -> None:
     )
     assert raw.json()["model"] == "other"
     assert np.linalg.norm(raw.json()["embeddings"][0]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_embed_as_npy_when_asked(client: TestClient) -> None:
+    blobs = [solid(RED), solid(BLUE)]
+    as_json = client.post("/embed?model=tiny", files=multipart(blobs)).json()["embeddings"]
+    response = client.post(
+        "/embed?model=tiny", files=multipart(blobs), headers={"accept": "application/x-npy"}
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/x-npy"
+    assert (response.headers["x-model"], response.headers["x-model-version"]) == ("tiny", "1")
+    array = np.load(io.BytesIO(response.content), allow_pickle=False)
+    assert array.dtype == np.float32
+    assert array.shape == (2, 3)
+    np.testing.assert_array_equal(array, np.asarray(as_json, dtype=np.float32))
 
 
 def test_models_report_runtime_facts(client: TestClient) -> None:
