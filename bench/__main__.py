@@ -1,0 +1,319 @@
+"""`python -m bench engine|http`: the only place where exceptions become exit codes.
+
+0 when the results were written; 1 with a one-line reason otherwise; 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = Path("bench-results")
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Latency per depth: onnxruntime in process (engine) and the service (http).",
+    )
+    sub = parser.add_subparsers(dest="mode", required=True)
+
+    engine = sub.add_parser(
+        "engine",
+        help="onnxruntime latency per model and batch size",
+        description="onnxruntime latency per model and batch size, with the service's session "
+        "settings. Without --repository, the paper preset (ImageNet 18-152, CIFAR 20-110) is "
+        "exported once into --cache-repository and measured.",
+    )
+    source = engine.add_mutually_exclusive_group()
+    source.add_argument("--repository", type=Path, help="model repository to measure")
+    source.add_argument("--preset", choices=["paper"], help="export and measure a preset (default)")
+    engine.add_argument(
+        "--cache-repository",
+        type=Path,
+        default=DEFAULT_OUT / "repo",
+        help="where the preset is exported; existing versions are reused (default: %(default)s)",
+    )
+    engine.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=Path("weights"),
+        help="checkpoints for the preset; random:SEED weights otherwise (default: %(default)s)",
+    )
+    engine.add_argument("--seed", type=int, default=0, help="random weights and inputs seed")
+    engine.add_argument(
+        "--models", type=name_list, help="comma-separated model names (default: all)"
+    )
+    engine.add_argument("--batch-sizes", type=int_list, default=(1, 8, 32), help="default: 1,8,32")
+    engine.add_argument(
+        "--iterations", type=int, default=20, help="timed runs per row at most (default: 20)"
+    )
+    engine.add_argument(
+        "--min-iterations", type=int, default=3, help="timed runs per row at least (default: 3)"
+    )
+    engine.add_argument("--warmup", type=int, default=1, help="untimed runs per row (default: 1)")
+    engine.add_argument(
+        "--max-seconds-per-row",
+        type=float,
+        default=3.0,
+        help="stop timing a row after this long, once --min-iterations ran (default: 3)",
+    )
+    engine.add_argument(
+        "--compare-torch",
+        action="store_true",
+        help="also time PyTorch eager on the same weights and device, interleaved",
+    )
+    engine.add_argument(
+        "--with-preprocessing",
+        action="store_true",
+        help="also time decoding + preprocessing (the service's code) + inference of --images",
+    )
+    engine.add_argument("--images", type=Path, help="directory of images for --with-preprocessing")
+    engine.add_argument(
+        "--providers", help="override the service's providers setting (auto, cpu, cuda, ...)"
+    )
+    engine.add_argument(
+        "--intra-op-threads", type=int, help="override the service's threads per session"
+    )
+    engine.add_argument(
+        "--allow-spinning",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override the service's thread-spinning setting",
+    )
+
+    http = sub.add_parser(
+        "http",
+        help="load a running service over HTTP",
+        description="Closed-loop load (--concurrency) and open-loop load at fixed arrival rates "
+        "(--rate) against the service; every level is bounded by --requests and --duration-s.",
+    )
+    http.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:8000")
+    http.add_argument(
+        "--start-service",
+        action="store_true",
+        help="start `python -m service` on --repository on a free local port, stop it after",
+    )
+    http.add_argument("--repository", type=Path, help="model repository for --start-service")
+    http.add_argument("--model", help="model name (default: the service's only model)")
+    http.add_argument("--endpoint", choices=["classify", "embed"], default="classify")
+    http.add_argument("--images", type=Path, required=True, help="directory of real images")
+    http.add_argument("--images-per-request", type=int, default=1, help="default: 1")
+    http.add_argument(
+        "--concurrency",
+        type=int_list,
+        help="closed-loop levels (default: 1,8,32 unless only --rate is given)",
+    )
+    http.add_argument("--rate", type=float_list, help="open-loop arrival rates, requests/s")
+    http.add_argument("--requests", type=int, default=200, help="requests per level (default: 200)")
+    http.add_argument(
+        "--duration-s", type=float, default=60.0, help="time limit per level (default: 60)"
+    )
+    http.add_argument(
+        "--timeout-s", type=float, default=60.0, help="total time limit per request (default: 60)"
+    )
+    http.add_argument(
+        "--warmup-requests", type=int, default=8, help="untimed requests first (default: 8)"
+    )
+    http.add_argument(
+        "--max-connections", type=int, default=256, help="open loop: connections (default: 256)"
+    )
+    http.add_argument(
+        "--raw-body", action="store_true", help="send raw image bodies, not multipart"
+    )
+    http.add_argument(
+        "--service-ready-timeout-s",
+        type=float,
+        default=300.0,
+        help="--start-service: wait this long for /readyz (default: 300)",
+    )
+    http.add_argument(
+        "--engine-results",
+        type=Path,
+        help="results.json with engine rows --with-preprocessing, for the HTTP/engine ratio "
+        "(default: the one in --out)",
+    )
+
+    for mode in (engine, http):
+        mode.add_argument(
+            "--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)"
+        )
+        mode.add_argument("-v", "--verbose", action="store_true", help="tracebacks on failure")
+    return parser
+
+
+def run_engine_mode(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    from .engine import Budget, EngineOptions, run_engine
+
+    if args.with_preprocessing and not args.images:
+        raise ValueError("--with-preprocessing needs --images DIR")
+    started = time.perf_counter()
+    repository = args.repository
+    export_s = 0.0
+    if repository is None:
+        from .preset import ensure_preset
+
+        ensure_preset(
+            args.preset or "paper",
+            args.cache_repository,
+            weights_dir=args.weights_dir,
+            seed=args.seed,
+            only=args.models,
+        )
+        repository = args.cache_repository
+        export_s = time.perf_counter() - started
+    images: tuple[bytes, ...] = ()
+    if args.with_preprocessing:
+        from .images import load_images
+
+        images = tuple(data for _, data in load_images(args.images))
+    overrides = {
+        key: value
+        for key, value in (
+            ("providers", args.providers),
+            ("intra_op_threads", args.intra_op_threads),
+            ("allow_spinning", args.allow_spinning),
+        )
+        if value is not None
+    }
+    options = EngineOptions(
+        batch_sizes=args.batch_sizes,
+        budget=Budget(
+            iterations=args.iterations,
+            warmup=args.warmup,
+            min_iterations=args.min_iterations,
+            max_seconds=args.max_seconds_per_row,
+        ),
+        compare_torch=args.compare_torch,
+        images=images,
+        seed=args.seed,
+    )
+    section = run_engine(repository, options, overrides=overrides, models=args.models)
+    section["command"] = command
+    section["export_s"] = round(export_s, 1)
+    section["runtime_s"] = round(time.perf_counter() - started, 1)
+    return section
+
+
+def run_http_mode(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    from .http_mode import HttpOptions, run_http
+    from .images import load_images
+
+    if args.start_service and args.repository is None:
+        raise ValueError("--start-service needs --repository REPO")
+    if not args.start_service and not args.url:
+        raise ValueError("give --url of a running service, or --start-service --repository REPO")
+    concurrency = args.concurrency or (() if args.rate else (1, 8, 32))
+    started = time.perf_counter()
+    options = HttpOptions(
+        url=args.url,
+        model=args.model,
+        endpoint=args.endpoint,
+        images=tuple(load_images(args.images)),
+        images_per_request=args.images_per_request,
+        concurrency=concurrency,
+        rates=args.rate or (),
+        requests=args.requests,
+        duration_s=args.duration_s,
+        timeout_s=args.timeout_s,
+        warmup_requests=args.warmup_requests,
+        max_connections=args.max_connections,
+        raw_body=args.raw_body,
+        start_service=args.repository if args.start_service else None,
+        service_ready_timeout_s=args.service_ready_timeout_s,
+    )
+    section = run_http(options, args.out, args.engine_results)
+    section["command"] = command
+    section["runtime_s"] = round(time.perf_counter() - started, 1)
+    return section
+
+
+def finish(args: argparse.Namespace, section: dict[str, Any], load_at_start: float | None) -> None:
+    """Write results.json/.md and the plot, print the table and where everything went."""
+    from . import plots, report
+    from .machine import busy_note, machine_facts
+
+    machine = {**machine_facts(), "load_average_1m_at_start": load_at_start}
+    path = report.save_results(args.out, args.mode, section, machine)
+    note = busy_note(machine)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
+    if args.mode == "engine":
+        png = plots.latency_vs_depth(section, args.out)
+        print(report.engine_table(section))
+    else:
+        png = plots.throughput_vs_concurrency(section, args.out) if section["closed"] else None
+        levels = (
+            ("closed", "concurrency", "concurrency"),
+            ("open", "rate_per_s", "offered requests/s"),
+        )
+        for key, column, label in levels:
+            if section[key]:
+                print(report.http_table(section[key], column, label))
+    written = [str(path), str(args.out / report.RESULTS_MD)] + ([str(png)] if png else [])
+    print(f"\n{args.mode}: {section['runtime_s']:.0f} s; wrote {', '.join(written)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    command = "python -m bench " + shlex.join(argv)
+    load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    runners: dict[str, Callable[[argparse.Namespace, str], dict[str, Any]]] = {
+        "engine": run_engine_mode,
+        "http": run_http_mode,
+    }
+    try:
+        section = runners[args.mode](args, command)
+        finish(args, section, load_at_start)
+    except KeyboardInterrupt:
+        print("bench interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the CLI boundary: one line, non-zero
+        if args.verbose:
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"bench {args.mode} failed: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

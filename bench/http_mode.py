@@ -1,0 +1,158 @@
+"""`bench http` orchestration: pick the model, warm up, run the levels, compare with the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .launcher import ServiceProcess
+from .load import LoadSpec, build_payloads, closed_loop, open_loop, warm_up
+from .report import load_results
+
+# What GET /models tells about the served model that the results should keep.
+MODEL_INFO = (
+    "version", "depth", "params", "macs", "model_sha256", "provider", "max_batch_size",
+    "max_delay_ms",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    url: str | None
+    model: str | None
+    endpoint: str  # classify | embed
+    images: tuple[tuple[str, bytes], ...]
+    images_per_request: int
+    concurrency: tuple[int, ...]
+    rates: tuple[float, ...]
+    requests: int
+    duration_s: float
+    timeout_s: float
+    warmup_requests: int
+    max_connections: int
+    raw_body: bool
+    start_service: Path | None  # a repository: start the service on it for the run
+    service_ready_timeout_s: float
+
+
+@contextlib.contextmanager
+def target(options: HttpOptions, out: Path) -> Iterator[str]:
+    """The base URL to load: the given one, or a service started here for the run."""
+    if options.start_service is None:
+        if not options.url:
+            raise ValueError("give --url of a running service, or --start-service REPO")
+        yield options.url.rstrip("/")
+        return
+    with ServiceProcess(
+        options.start_service,
+        out / "service.log",
+        ready_timeout_s=options.service_ready_timeout_s,
+    ) as url:
+        yield url
+
+
+def models_of(url: str) -> dict[str, dict[str, Any]]:
+    """{name: description} from GET /models, whichever of the usual shapes it answers in."""
+    response = httpx.get(f"{url}/models", timeout=10.0)
+    response.raise_for_status()
+    data = response.json()
+    if isinstance(data, dict) and isinstance(data.get("models"), list | dict):
+        data = data["models"]
+    if isinstance(data, list):
+        return {str(m["name"]): m for m in data if isinstance(m, dict) and "name" in m}
+    if isinstance(data, dict):
+        return {str(k): v if isinstance(v, dict) else {} for k, v in data.items()}
+    raise ValueError(f"GET /models answered an unexpected shape: {type(data).__name__}")
+
+
+def choose_model(models: dict[str, dict[str, Any]], wanted: str | None) -> str:
+    if wanted:
+        if models and wanted not in models:
+            raise KeyError(f"the service has no model {wanted!r} (it has {sorted(models)})")
+        return wanted
+    if len(models) != 1:
+        raise ValueError(f"the service has {len(models)} models {sorted(models)}; pick --model")
+    return next(iter(models))
+
+
+def vs_engine(
+    http: dict[str, Any], engine: dict[str, Any] | None, model: str
+) -> dict[str, Any] | None:
+    """HTTP images/s at the highest concurrency against the best in-process rate with
+    preprocessing for the same model graph (the issue's 90% target), when both are known."""
+    if not engine or not http.get("closed"):
+        return None
+    graph = http.get("model_info", {}).get("model_sha256")
+    rows = [
+        r
+        for r in engine.get("rows", [])
+        if r.get("model") == model
+        and r.get("with_preprocessing", {}).get("images_per_s")
+        and (graph is None or r.get("model_sha256") in (None, graph))
+    ]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r["with_preprocessing"]["images_per_s"])
+    level = max(http["closed"], key=lambda lv: lv["concurrency"])
+    engine_rate = best["with_preprocessing"]["images_per_s"]
+    return {
+        "concurrency": level["concurrency"],
+        "http_images_per_s": level["images_per_s"],
+        "engine_images_per_s": engine_rate,
+        "engine_batch_size": best["batch_size"],
+        "ratio": level["images_per_s"] / engine_rate,
+        "target": 0.9,
+    }
+
+
+def run_http(options: HttpOptions, out: Path, engine_results: Path | None) -> dict[str, Any]:
+    """The `http` section of results.json."""
+    with target(options, out) as url:
+        models = models_of(url)
+        model = choose_model(models, options.model)
+        query = f"model={model}" + ("&top_k=5" if options.endpoint == "classify" else "")
+        spec = LoadSpec(
+            url=f"{url}/{options.endpoint}?{query}",
+            payloads=build_payloads(
+                list(options.images), options.images_per_request, raw=options.raw_body
+            ),
+            requests=options.requests,
+            duration_s=options.duration_s,
+            timeout_s=options.timeout_s,
+            expect_key="predictions" if options.endpoint == "classify" else "embeddings",
+        )
+        peak = max((*options.concurrency, 1))
+        warm = asyncio.run(warm_up(spec, options.warmup_requests, peak))
+        closed = [
+            asyncio.run(closed_loop(spec, c, f"concurrency {c}")) for c in options.concurrency
+        ]
+        opened = [
+            asyncio.run(open_loop(spec, r, options.max_connections, f"{r:g} req/s"))
+            for r in options.rates
+        ]
+    description = models.get(model, {})
+    description = {**description.get("metadata", {}), **description}
+    section: dict[str, Any] = {
+        "url": options.url or f"started by bench on 127.0.0.1, log {out / 'service.log'}",
+        "model": model,
+        "model_info": {key: description.get(key) for key in MODEL_INFO},
+        "endpoint": options.endpoint,
+        "images": len(options.images),
+        "images_per_request": options.images_per_request,
+        "body": "raw image" if options.raw_body else "multipart/form-data",
+        "requests_per_level": options.requests,
+        "duration_s_per_level": options.duration_s,
+        "timeout_s": options.timeout_s,
+        "warmup_statuses": warm,
+        "closed": closed,
+        "open": opened,
+    }
+    engine = load_results(engine_results or out).get("engine")
+    section["vs_engine"] = vs_engine(section, engine, model)
+    return section

@@ -1,0 +1,205 @@
+"""`bench http`: closed-loop and open-loop load against a running service.
+
+Request bodies are encoded once up front, so the client spends its CPU on sending, not on
+building multipart bodies: on a 2-core machine the client shares the cores with the service.
+Every level is bounded by a request count and a duration; every request by a total timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from .stats import summarize
+
+
+@dataclass(frozen=True)
+class Payload:
+    body: bytes
+    content_type: str
+    images: int
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    url: str  # full endpoint URL with query
+    payloads: tuple[Payload, ...]
+    requests: int
+    duration_s: float
+    timeout_s: float
+    expect_key: str  # "predictions" | "embeddings": one entry per image in a 200 answer
+
+
+@dataclass
+class Recorder:
+    latencies_s: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    images_ok: int = 0
+    sent: int = 0
+
+    def level(self, wall_s: float, images_per_request: int) -> dict[str, Any]:
+        ok = self.statuses.get("200", 0)
+        return {
+            "requests": self.sent,
+            "images_per_request": images_per_request,
+            "ok": ok,
+            "errors": self.sent - ok,
+            "statuses": dict(self.statuses),
+            "wall_s": wall_s,
+            "images_per_s": self.images_ok / wall_s if wall_s > 0 else 0.0,
+            "requests_per_s": ok / wall_s if wall_s > 0 else 0.0,
+            "latency": summarize(self.latencies_s),
+        }
+
+
+def multipart_body(images: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body with one `file` part per image, and its content type."""
+    boundary = uuid.uuid4().hex
+    chunks: list[bytes] = []
+    for name, data in images:
+        kind = "png" if name.lower().endswith(".png") else "jpeg"
+        chunks.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: image/{kind}\r\n\r\n".encode()
+        )
+        chunks += [data, b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def build_payloads(
+    images: list[tuple[str, bytes]], per_request: int, *, raw: bool = False
+) -> tuple[Payload, ...]:
+    """Bodies cycling through all images, `per_request` images each (raw: one image body)."""
+    if per_request < 1:
+        raise ValueError("images per request must be >= 1")
+    if raw and per_request != 1:
+        raise ValueError("a raw image body carries exactly one image")
+    stream = itertools.cycle(images)
+    payloads = []
+    for _ in range(max(1, len(images))):
+        chosen = [next(stream) for _ in range(per_request)]
+        if raw:
+            name, data = chosen[0]
+            kind = "png" if name.lower().endswith(".png") else "jpeg"
+            payloads.append(Payload(data, f"image/{kind}", 1))
+        else:
+            body, content_type = multipart_body(chosen)
+            payloads.append(Payload(body, content_type, per_request))
+    return tuple(payloads)
+
+
+async def send(
+    client: httpx.AsyncClient,
+    spec: LoadSpec,
+    payload: Payload,
+    recorder: Recorder,
+    started: float | None = None,
+) -> None:
+    """One request; latency from `started` (open loop: its scheduled time) to the full answer."""
+    t0 = time.perf_counter() if started is None else started
+    recorder.sent += 1
+    try:
+        response = await asyncio.wait_for(
+            client.post(
+                spec.url, content=payload.body, headers={"content-type": payload.content_type}
+            ),
+            timeout=spec.timeout_s,
+        )
+        elapsed = time.perf_counter() - t0
+        status = str(response.status_code)
+        if status == "200" and _results(response, spec.expect_key) != payload.images:
+            status = "200 with a wrong body"
+    except (httpx.HTTPError, TimeoutError) as exc:
+        elapsed, status = time.perf_counter() - t0, type(exc).__name__
+    recorder.statuses[status] += 1
+    if status == "200":
+        recorder.latencies_s.append(elapsed)
+        recorder.images_ok += payload.images
+
+
+def _results(response: httpx.Response, key: str) -> int | None:
+    """How many per-image results a 200 answer holds; None if it is not the expected JSON."""
+    try:
+        data = response.json()
+    except ValueError:
+        return None
+    results = data.get(key) if isinstance(data, dict) else None
+    return len(results) if isinstance(results, list) else None
+
+
+def _client(connections: int, timeout_s: float) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(limits=limits, timeout=timeout_s)
+
+
+async def closed_loop(spec: LoadSpec, concurrency: int, desc: str) -> dict[str, Any]:
+    """`concurrency` workers, each sending its next request when the last one was answered."""
+    recorder = Recorder()
+    tickets = itertools.count()
+    progress = tqdm(total=spec.requests, desc=desc, unit="req", file=sys.stderr, disable=None)
+    async with _client(concurrency, spec.timeout_s) as client:
+        start = time.perf_counter()
+        deadline = start + spec.duration_s
+
+        async def worker() -> None:
+            while (i := next(tickets)) < spec.requests and time.perf_counter() < deadline:
+                await send(client, spec, spec.payloads[i % len(spec.payloads)], recorder)
+                progress.update()
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    progress.close()
+    return {"concurrency": concurrency, **recorder.level(wall, spec.payloads[0].images)}
+
+
+async def open_loop(
+    spec: LoadSpec, rate_per_s: float, max_connections: int, desc: str
+) -> dict[str, Any]:
+    """Requests start at a fixed rate whether or not earlier ones were answered.
+
+    Latency counts from each request's scheduled start, so queueing in the client (or a slow
+    service) shows up in it instead of silently lowering the offered load.
+    """
+    if rate_per_s <= 0:
+        raise ValueError("the arrival rate must be positive")
+    recorder = Recorder()
+    count = min(spec.requests, max(1, int(spec.duration_s * rate_per_s)))
+    progress = tqdm(total=count, desc=desc, unit="req", file=sys.stderr, disable=None)
+    tasks: list[asyncio.Task[None]] = []
+    async with _client(max_connections, spec.timeout_s) as client:
+        start = time.perf_counter()
+        for i in range(count):
+            scheduled = start + i / rate_per_s
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            payload = spec.payloads[i % len(spec.payloads)]
+            task = asyncio.create_task(send(client, spec, payload, recorder, started=scheduled))
+            task.add_done_callback(lambda _: progress.update())
+            tasks.append(task)
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - start
+    progress.close()
+    level = recorder.level(wall, spec.payloads[0].images)
+    return {"rate_per_s": rate_per_s, **level, "achieved_rate_per_s": recorder.sent / wall}
+
+
+async def warm_up(spec: LoadSpec, requests: int, concurrency: int) -> dict[str, int]:
+    """A few untimed requests (connections, the service's first batches); their statuses."""
+    if requests <= 0:
+        return {}
+    warm = LoadSpec(
+        spec.url, spec.payloads, requests, spec.duration_s, spec.timeout_s, spec.expect_key
+    )
+    level = await closed_loop(warm, max(1, min(concurrency, requests)), "warm-up")
+    return level["statuses"]

@@ -1,0 +1,108 @@
+"""Facts about the machine a result was measured on, written into every results.json."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+# Instruction-set extensions that decide fp32/bf16 convolution speed on x86.
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+_LIBRARIES = ("onnxruntime", "numpy", "torch", "PIL", "httpx")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [f for f in _ISA_FLAGS if f in present]
+    except OSError:
+        pass
+    return []
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def gpus() -> list[dict[str, str]]:
+    """Name, driver and memory of each NVIDIA GPU that nvidia-smi reports; [] without one."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=name,driver_version,memory.total",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    keys = ("name", "driver", "memory")
+    return [
+        dict(zip(keys, (p.strip() for p in ln.split(",")), strict=False))
+        for ln in out.splitlines()
+        if ln.strip()
+    ]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries this process imported (what the figures depend on)."""
+    versions = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = str(getattr(module, "__version__", "unknown"))
+    return versions
+
+
+def machine_facts() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "measured_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": usable_cores(),
+        "logical_cpus": os.cpu_count(),
+        "gpus": gpus(),
+        "os": platform.platform(),
+        "load_average_1m_at_end": round(load[0], 2) if load else None,
+        "libraries": library_versions(),
+    }
+
+
+def busy_note(machine: dict[str, Any]) -> str | None:
+    """A warning when the machine was busy as the run started (1-minute load above half the
+    cores). The load at the end is no evidence: the benchmark itself keeps the cores busy."""
+    cores = machine.get("cores") or 1
+    load = machine.get("load_average_1m_at_start")
+    if load is None or load <= cores / 2:
+        return None
+    return (
+        f"the machine was busy when the run started (1-minute load {load:.2f} on {cores} "
+        "cores): other work shared the cores, so these figures are noisy"
+    )
