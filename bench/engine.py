@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from service.engine import EngineConfig, create_engine, session_options
 from service.repository import ModelEntry, scan_repository
+from service.serving import engine_config as service_engine_config
 from service.settings import Settings
 
 from .stats import summarize
@@ -60,13 +61,7 @@ class EngineOptions:
 def engine_config(repository: Path, overrides: dict[str, Any]) -> tuple[EngineConfig, Settings]:
     """The EngineConfig the service would build: its Settings (RESNET_SERVE_* included)."""
     settings = Settings(model_repository=repository, **overrides)
-    config = EngineConfig(
-        providers=settings.provider_list,
-        require_cuda=settings.require_cuda,
-        intra_op_threads=settings.intra_op_threads,
-        allow_spinning=settings.allow_spinning,
-    )
-    return config, settings
+    return service_engine_config(settings), settings
 
 
 def time_interleaved(

@@ -23,6 +23,7 @@ from .engine import (
     CUDA,
     Engine,
     EngineConfig,
+    EngineError,
     available_cores,
     create_engine,
     resolve_providers,
@@ -45,6 +46,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ModelState = Literal["loading", "ready", "failed"]
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """How sessions are built from the service's settings (the benchmark uses it too)."""
+    return EngineConfig(
+        providers=settings.provider_list,
+        require_cuda=settings.require_cuda,
+        intra_op_threads=settings.intra_op_threads,
+        allow_spinning=settings.allow_spinning,
+    )
 
 
 class ServedModel:
@@ -110,12 +121,7 @@ class ModelServer:
         self, settings: Settings, metrics: Metrics, *, on_fatal: Callable[[], None] | None = None
     ) -> None:
         self.settings, self.metrics = settings, metrics
-        self.engine_config = EngineConfig(
-            providers=settings.provider_list,
-            require_cuda=settings.require_cuda,
-            intra_op_threads=settings.intra_op_threads,
-            allow_spinning=settings.allow_spinning,
-        )
+        self.engine_config = engine_config(settings)
         self.providers = resolve_providers(self.engine_config)
         entries = scan_repository(settings.model_repository)
         if settings.default_model is not None and settings.default_model not in entries:
@@ -183,7 +189,9 @@ class ModelServer:
             except Exception as exc:
                 model.state = "failed"
                 self.fatal = f"model {model.entry.name} failed to load: {exc}"
-                log.critical("%s", self.fatal, exc_info=exc)
+                # EngineError already names the file and what is wrong with it: no traceback.
+                expected = isinstance(exc, EngineError)
+                log.critical("%s", self.fatal, exc_info=None if expected else exc)
                 if self._on_fatal is not None:
                     self._on_fatal()
                 return
@@ -270,6 +278,8 @@ class ModelServer:
                 raise NotReadyError(
                     f"model {label} is {model.state}", retry_after_s=self.settings.retry_after_s
                 )
+            if model.batcher is not None:
+                model.batcher.ensure_room(1)  # a full queue refuses before the body is read
             async with timeout:
                 yield model
             status = 200
