@@ -7,7 +7,7 @@ WEIGHTS ?= weights
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve export test lint bench clean
+.PHONY: venv serve export test lint bench reliability clean
 
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,28 @@ lint: venv
 test: lint
 	$(BIN)/python -m pytest
 
-bench: export
-	$(BIN)/python -m bench engine --repository $(REPO) --compare-torch
+# The README's figures: latency per depth (paper preset, PyTorch side by side), then ResNet-50
+# fp32 / bf16 / int8 in process (JPEG decoding included) and over HTTP at concurrency 1-32.
+PHOTOS ?= ../shared/data/photos
+PERF := bench-results/perf-repo
+bench: venv
+	$(BIN)/python -m bench engine --compare-torch --weights-dir $(WEIGHTS) --out bench-results
+	$(BIN)/python -m export resnet50 --weights random:0 --out $(PERF) --skip-existing
+	$(BIN)/python -m export resnet50 --weights random:0 --out $(PERF) --skip-existing \
+		--precision bf16 --gate-images $(PHOTOS)
+	$(BIN)/python -m export resnet50 --weights random:0 --out $(PERF) --skip-existing \
+		--precision int8 --gate-images $(PHOTOS) --calibration-images $(PHOTOS)
+	for m in resnet50 resnet50_bf16 resnet50_int8; do \
+		$(BIN)/python -m bench engine --repository $(PERF) --models $$m --batch-sizes 1,8,32 \
+			--with-preprocessing --images $(PHOTOS) --out bench-results/$$m && \
+		$(BIN)/python -m bench http --start-service --repository $(PERF) --model $$m \
+			--images $(PHOTOS) --concurrency 1,8,32 --requests 300 --out bench-results/$$m \
+		|| exit 1; \
+	done
+
+# Hostile input, overload, soak, faults, SIGTERM: docs/reliability.md (~3.5 min on 2 cores).
+reliability: venv
+	$(BIN)/python -m reliability all --out reliability-results
 
 clean:
-	rm -rf $(REPO) bench-results
+	rm -rf $(REPO) bench-results reliability-results

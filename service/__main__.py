@@ -110,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_config=None,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        # h11 whatever else is installed: it refuses a request head that grows past 16 KiB,
+        # where httptools (uvicorn's pick when present) buffers a header line without limit
+        # (one connection sending a 256 MiB header took 320 MB of RSS, docs/reliability.md).
+        http="h11",
         # Every accepted request ends by its own timeout; this only bounds a stuck shutdown.
         timeout_graceful_shutdown=settings.request_timeout_ms / 1000.0 + 5.0,
     )

@@ -100,6 +100,10 @@ def load_entry(version_dir: Path, *, verify_hash: bool = True) -> ModelEntry:
     model_file = metadata.setdefault("model_file", "model.onnx")
     if not isinstance(model_file, str) or Path(model_file).name != model_file:
         raise RepositoryError(f"{where}: model_file {model_file!r} is not a plain file name")
+    if not model_file.endswith(".onnx"):
+        # Serving reads ONNX graphs (protobuf) and nothing else: no pickle, no other format an
+        # engine's readers would also accept.
+        raise RepositoryError(f"{where}: model_file {model_file!r} is not an .onnx graph")
     if metadata.get("parity", {}).get("passed") is not True:
         raise RepositoryError(f"{where}: the export's parity check did not pass")
     try:

@@ -1,0 +1,211 @@
+"""`python -m reliability overload|soak|fuzz|faults|all --out DIR [--quick]`
+
+Starts `python -m service` on free 127.0.0.1 ports (one fresh process per scenario), drives it
+with bounded request counts and time, writes DIR/results.json, DIR/results.md and the servers'
+logs under DIR/logs, and exits 1 when a check fails. Load scenarios serve an exported ResNet-18
+(random weights: latency, not accuracy, matters here; `--repository REPO --model NAME` serves
+your own instead); hostile-input and fault scenarios serve small synthetic graphs. `--quick`
+shortens everything to about a minute and serves a synthetic graph for load too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from . import faults as fault_scenarios
+from . import judge
+from .fuzz import fuzz_images, fuzz_openapi, fuzz_protocol
+from .graphs import write_conv, write_poison, write_tiny
+from .harness import ROOT, Service, sample_images
+from .load import Target, overload, soak
+from .report import machine, markdown
+
+
+@dataclass(frozen=True)
+class Plan:
+    phase_s: float
+    burst: int
+    soak_s: float
+    warmup_s: float
+    sigterm_load_s: float
+    image_examples: int
+    openapi_examples: int
+    synthetic_load: bool  # a synthetic graph instead of an exported ResNet-18
+
+
+LONG = Plan(10.0, 2000, 120.0, 30.0, 5.0, 2000, 100, synthetic_load=False)
+QUICK = Plan(3.0, 400, 20.0, 5.0, 2.0, 150, 10, synthetic_load=True)
+MAX_QUEUE_IMAGES = 64
+MAX_BATCH_SIZE = 16
+FUZZ_MAX_REQUEST_BYTES = 8 * 2**20
+
+
+class Run:
+    def __init__(self, out: Path, plan: Plan, repository: Path | None, model: str | None) -> None:
+        self.out, self.plan = out, plan
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, Any] = {"machine": machine(), "plan": plan.__dict__}
+        self.checks: list[judge.Check] = []
+        self._repository, self._model = repository, model
+
+    def load_model(self) -> tuple[Path, str]:
+        """The repository and model the load scenarios serve (built once)."""
+        if self._repository is None:
+            repo = self.out / "load-repo"
+            if not repo.is_dir():
+                if self.plan.synthetic_load:
+                    write_conv(repo, "synthetic", layers=4)
+                else:
+                    export_resnet18(repo)
+            self._repository = repo
+            self._model = "synthetic" if self.plan.synthetic_load else "resnet18"
+        assert self._model is not None
+        return self._repository, self._model
+
+    def service(self, name: str, repo: Path, *flags: str) -> Service:
+        service = Service(repo, self.logs / f"{name}.log", *flags)
+        service.wait_ready()
+        return service
+
+    def load_flags(self, *extra: str) -> tuple[str, ...]:
+        return (
+            f"--max-queue-images={MAX_QUEUE_IMAGES}",
+            f"--max-batch-size={MAX_BATCH_SIZE}",
+            f"--max-images-per-request={MAX_QUEUE_IMAGES}",
+            *extra,
+        )
+
+    def overload(self) -> None:
+        repo, model = self.load_model()
+        with self.service("overload", repo, *self.load_flags()) as service:
+            result = overload(
+                Target(service, model, sample_images(32)),
+                burst_requests=self.plan.burst,
+                phase_s=self.plan.phase_s,
+                max_queue_images=MAX_QUEUE_IMAGES,
+                max_batch_size=MAX_BATCH_SIZE,
+            )
+        self.results["overload"] = result
+        self.checks += judge.overload(result)
+
+    def soak(self) -> None:
+        repo, model = self.load_model()
+        with self.service("soak", repo, *self.load_flags()) as service:
+            result = soak(
+                Target(service, model, sample_images(32)),
+                duration_s=self.plan.soak_s,
+                warmup_s=self.plan.warmup_s,
+            )
+        self.results["soak"] = result
+        self.checks += judge.soak(result)
+
+    def fuzz(self) -> None:
+        repo = self.out / "fuzz-repo"
+        if not repo.is_dir():
+            write_tiny(repo, "tiny")
+        flags = ("--request-timeout-ms=2000", f"--max-request-bytes={FUZZ_MAX_REQUEST_BYTES}")
+        result: dict[str, Any] = {}
+        with self.service("fuzz", repo, *flags) as service:
+            try:
+                result["images"] = fuzz_images(service.url, "tiny", self.plan.image_examples)
+            except AssertionError as exc:  # Hypothesis's shrunk counterexample
+                result["images"] = {"failure": str(exc)[:4000]}
+            report = self.out / "schemathesis.json"
+            result["openapi"] = fuzz_openapi(service.url, self.plan.openapi_examples, report)
+
+            def healthy() -> bool:
+                return httpx.get(f"{service.url}/healthz", timeout=5).status_code == 200
+
+            result["protocol"] = fuzz_protocol(
+                service,
+                "tiny",
+                request_timeout_s=2.0,
+                max_request_bytes=FUZZ_MAX_REQUEST_BYTES,
+                healthy=healthy,
+            )
+            assert service.terminate() == 0
+        result["server_log"] = [
+            line for line in service.log().splitlines() if " ERROR " in line or "Traceback" in line
+        ]
+        self.results["fuzz"] = result
+        self.checks += judge.fuzz(result)
+
+    def faults(self) -> None:
+        results: dict[str, Any] = {"startup": []}
+        for index, case in enumerate(fault_scenarios.BROKEN_MODELS):
+            workdir = self.out / "startup" / str(index)
+            outcome = fault_scenarios.broken_model_at_startup(workdir, case)
+            results["startup"].append(outcome)
+            self.checks += judge.startup(outcome)
+        repo = self.out / "faults-repo"
+        if not repo.is_dir():
+            write_tiny(repo, "tiny", max_batch_size=64)
+            write_poison(repo, "poison")
+        with self.service("failing-batch", repo, "--max-delay-ms=300") as service:
+            results["failing_batch"] = fault_scenarios.failing_batch(service, "poison", "tiny")
+        self.checks += judge.failing_batch(results["failing_batch"])
+        flags = ("--max-delay-ms=1000", "--max-batch-size=64")
+        with self.service("disconnects", repo, *flags) as service:
+            target = Target(service, "tiny", sample_images(8))
+            results["disconnects"] = fault_scenarios.disconnects(target)
+        self.checks += judge.disconnects(results["disconnects"])
+        load_repo, model = self.load_model()
+        for key, drain, balancer in (("sigterm", 1000, True), ("sigterm_no_drain", 0, False)):
+            service = self.service(key, load_repo, *self.load_flags(f"--drain-delay-ms={drain}"))
+            results[key] = fault_scenarios.sigterm_under_load(
+                Target(service, model, sample_images(32)),
+                concurrency=16,
+                load_s=self.plan.sigterm_load_s,
+                balancer=balancer,
+            )
+        self.checks += judge.sigterm(results["sigterm"])
+        self.results["faults"] = results
+
+    def write(self) -> bool:
+        self.results["checks"] = judge.as_dicts(self.checks)
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1) + "\n")
+        (self.out / "results.md").write_text(markdown(self.results))
+        return all(c.passed for c in self.checks)
+
+
+def export_resnet18(repo: Path) -> None:
+    command = [sys.executable, "-m", "export", "resnet18", "--weights", "random:0"]
+    command += ["--out", str(repo), "--max-batch-size", str(MAX_BATCH_SIZE)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=900)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reliability", description=__doc__)
+    parser.add_argument("scenario", choices=["overload", "soak", "fuzz", "faults", "all"])
+    parser.add_argument("--out", type=Path, required=True, help="directory for the results")
+    parser.add_argument("--quick", action="store_true", help="about a minute, synthetic models")
+    parser.add_argument("--repository", type=Path, help="serve this repository for load")
+    parser.add_argument("--model", help="the model of --repository to load")
+    args = parser.parse_args(argv)
+    if (args.repository is None) != (args.model is None):
+        parser.error("--repository and --model go together")
+    run = Run(args.out, QUICK if args.quick else LONG, args.repository, args.model)
+    started = time.monotonic()
+    steps = ["overload", "soak", "faults", "fuzz"] if args.scenario == "all" else [args.scenario]
+    for step in steps:
+        print(f"{step} ...", flush=True)
+        getattr(run, step)()
+    run.results["duration_s"] = round(time.monotonic() - started, 1)
+    passed = run.write()
+    print((args.out / "results.md").read_text())
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Faults against the real service: broken models at start-up, a model whose inference really
+raises inside onnxruntime, clients that disconnect mid-request, SIGTERM under load."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reliability import judge
+from reliability.faults import (
+    BROKEN_MODELS,
+    broken_model_at_startup,
+    disconnects,
+    failing_batch,
+    sigterm_under_load,
+)
+from reliability.graphs import write_conv, write_poison, write_tiny
+from reliability.harness import Service, sample_images
+from reliability.load import Target
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("repo")
+    write_tiny(path, "tiny", max_batch_size=64)
+    write_poison(path, "poison")
+    return path
+
+
+def started(repo: Path, log: Path, *flags: str) -> Iterator[Service]:
+    with Service(repo, log, *flags) as service:
+        service.wait_ready()
+        yield service
+        assert service.terminate() == 0
+
+
+@pytest.mark.parametrize("case", list(BROKEN_MODELS))
+def test_a_broken_model_stops_start_up_with_one_clear_line(tmp_path: Path, case: str) -> None:
+    result = broken_model_at_startup(tmp_path, case)
+    assert not judge.failures(judge.startup(result)), result
+    assert result["seconds"] < 30
+
+
+def test_a_batch_whose_inference_raises_fails_with_500_json_and_the_next_one_works(
+    repo: Path, tmp_path: Path
+) -> None:
+    for service in started(repo, tmp_path / "server.log", "--max-delay-ms=300"):
+        result = failing_batch(service, "poison", "tiny")
+        assert not judge.failures(judge.failing_batch(result)), result
+    # A 500 is a server error: logged with its traceback, once per failed request.
+    assert service.log().count("-> 500 inference_failed: model poison: inference failed") == 2
+
+
+def test_clients_that_disconnect_have_their_queued_images_dropped(
+    repo: Path, tmp_path: Path
+) -> None:
+    flags = ("--max-delay-ms=1000", "--max-batch-size=64")
+    for service in started(repo, tmp_path / "server.log", *flags):
+        result = disconnects(Target(service, "tiny", sample_images(8)), clients=6)
+        assert not judge.failures(judge.disconnects(result)), result
+    log = service.log()
+    assert "client disconnected after" in log  # mid-upload: a 499 line, not a 500
+    assert "Traceback" not in log, log
+
+
+def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:
+    write_conv(tmp_path / "repo", "conv", layers=4)
+    service = Service(tmp_path / "repo", tmp_path / "server.log", "--drain-delay-ms=500")
+    with service:
+        service.wait_ready()
+        target = Target(service, "conv", sample_images(8))
+        result = sigterm_under_load(target, concurrency=12, load_s=1.5)
+    assert not judge.failures(judge.sigterm(result)), result
+    assert result["sent"] > 50

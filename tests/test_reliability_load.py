@@ -1,0 +1,149 @@
+"""Overload and soak, short: the real service over capacity on purpose (a synthetic graph of
+tunable cost), then a sustained mix with memory sampled. `python -m reliability overload|soak`
+runs the same scenarios longer, on an exported ResNet-18."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from reliability import judge
+from reliability.graphs import write_conv, write_tiny
+from reliability.harness import Service, sample_images, solid
+from reliability.load import Target, overload, soak
+from service.api import create_app
+from service.batcher import Batcher
+from service.errors import QueueFullError
+from service.metrics import Metrics
+from service.settings import Settings
+
+QUEUE, BATCH = 32, 16
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    repo = tmp_path_factory.mktemp("repo")
+    write_conv(repo, "conv", layers=4)
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    flags = (f"--max-queue-images={QUEUE}", f"--max-batch-size={BATCH}")
+    with Service(repo, log, *flags, f"--max-images-per-request={QUEUE}") as service:
+        service.wait_ready()
+        yield Target(service, "conv", sample_images(16))
+        assert service.terminate() == 0
+    assert "Traceback" not in service.log(), service.log()
+
+
+def test_a_burst_far_above_capacity_is_refused_fast_and_the_service_recovers(
+    target: Target,
+) -> None:
+    async def warm_up() -> None:  # every thread pool at its full size
+        await asyncio.gather(*(target.send(target.request(i)) for i in range(16)))
+
+    asyncio.run(warm_up())
+    threads_before = target.service.resources()["threads"]
+    result = overload(
+        target, burst_requests=300, phase_s=1.5, max_queue_images=QUEUE, max_batch_size=BATCH
+    )
+    assert not judge.failures(judge.overload(result)), result
+    # A queue of 32 one-image requests cannot hold a burst of 300: most are refused, none lost.
+    assert result["burst"]["rejected"] >= 150
+    # Route dependencies run on the event loop: no thread pool grows with the burst.
+    assert target.service.resources()["threads"] <= threads_before + 2
+
+
+def test_a_sustained_mix_keeps_memory_flat(target: Target) -> None:
+    result = soak(target, duration_s=8.0, warmup_s=3.0, concurrency=4)
+    assert not judge.failures(judge.soak(result)), {
+        k: v for k, v in result.items() if k != "samples"
+    }
+    assert result["abandoned"] > 0  # some clients disconnected mid-request
+    assert result["sent"] > 100
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    write_tiny(tmp_path, "tiny")
+    settings = Settings(
+        model_repository=tmp_path, max_queue_images=8, max_batch_size=8, max_images_per_request=8
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        while client.get("/readyz").status_code != 200:
+            pass
+        yield client
+
+
+def test_a_full_queue_refuses_before_reading_the_body(client: TestClient) -> None:
+    batcher = client.app.state.server.models["tiny"].batcher  # type: ignore[attr-defined]
+    batcher.reserve(8)  # as if 8 images were being decoded
+    try:
+        refused = client.post("/classify", content=b"not even an image", headers=_png())
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert refused.headers["retry-after"] == "1"
+    finally:
+        batcher.release(8)
+    assert client.post("/classify", content=solid(90), headers=_png()).status_code == 200
+    assert client.get("/metrics").text.count('resnet_serve_queue_depth_images{model="tiny"} 0.0')
+
+
+def _png() -> dict[str, str]:
+    return {"content-type": "image/png"}
+
+
+def test_reserved_room_counts_against_the_queue_until_released() -> None:
+    async def main() -> None:
+        batcher = Batcher(
+            "m",
+            lambda batch: [batch],
+            max_batch_size=4,
+            max_delay_ms=1,
+            max_queue_images=4,
+            retry_after_s=2,
+            metrics=Metrics(),
+        )
+        batcher.start()
+        batcher.reserve(3)
+        with pytest.raises(QueueFullError):
+            batcher.reserve(2)
+        with pytest.raises(QueueFullError):
+            await batcher.submit(np.zeros((2, 1), dtype=np.float32))
+        batcher.release(3)
+        assert len(await batcher.submit(np.zeros((4, 1), dtype=np.float32))) == 4
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_images_of_a_request_that_gave_up_leave_the_forming_batch() -> None:
+    seen: list[int] = []
+
+    def infer(batch: np.ndarray) -> list[np.ndarray]:
+        seen.extend(int(v) for v in batch[:, 0])
+        return [batch]
+
+    async def main() -> None:
+        batcher = Batcher(
+            "m",
+            infer,
+            max_batch_size=8,
+            max_delay_ms=300,
+            max_queue_images=8,
+            retry_after_s=1,
+            metrics=Metrics(),
+        )
+        batcher.start()
+        gone = asyncio.create_task(batcher.submit(np.full((2, 1), 7, dtype=np.float32)))
+        await asyncio.sleep(0.05)  # both images are in the batch being formed now
+        stays = asyncio.create_task(batcher.submit(np.full((1, 1), 1, dtype=np.float32)))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        assert len(await stays) == 1
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert seen == [1]
