@@ -47,7 +47,7 @@ bench: venv
 		$(BIN)/python -m bench engine --repository $(PERF) --models $$m --batch-sizes 1,8,32 \
 			--with-preprocessing --images $(PHOTOS) --out bench-results/$$m && \
 		$(BIN)/python -m bench http --start-service --repository $(PERF) --model $$m \
-			--images $(PHOTOS) --concurrency 1,8,32 --requests 300 --out bench-results/$$m \
+			--images $(PHOTOS) --concurrency 1,8,32 --requests 600 --out bench-results/$$m \
 		|| exit 1; \
 	done
 
