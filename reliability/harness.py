@@ -34,14 +34,19 @@ def free_port() -> int:
 class Service:
     """One `python -m service` process; its output goes to `log_path`."""
 
-    def __init__(self, repo: Path, log_path: Path, *flags: str) -> None:
+    def __init__(
+        self, repo: Path, log_path: Path, *flags: str, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.host = "127.0.0.1"
         self.url = f"http://{self.host}:{self.port}"
         self.log_path = log_path
         command = [sys.executable, "-m", "service", "--model-repository", str(repo)]
         command += ["--host", self.host, "--port", str(self.port), "--no-access-log", *flags]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
+        # Only the flags and `env` configure it: none of the caller's RESNET_SERVE_* leak in.
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
+        environment.update(env or {})
+        env = environment
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
             command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env
@@ -53,15 +58,24 @@ class Service:
 
     def wait_ready(self, deadline_s: float = READY_DEADLINE_S) -> None:
         """Until /readyz answers 200; raises with the log when the process exits first."""
+        self._wait("/readyz", lambda r: r.status_code == 200, "ready", deadline_s)
+
+    def wait_listening(self, deadline_s: float = READY_DEADLINE_S) -> None:
+        """Until the port answers at all (models may still be loading)."""
+        self._wait("/healthz", lambda r: True, "listening", deadline_s)
+
+    def _wait(
+        self, path: str, done: Callable[[httpx.Response], bool], what: str, deadline_s: float
+    ) -> None:
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited ({self.process.returncode}):\n{self.log()}")
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
+                if done(httpx.get(self.url + path, timeout=2.0)):
                     return
             time.sleep(0.02)
-        raise TimeoutError(f"service not ready within {deadline_s} s:\n{self.log()}")
+        raise TimeoutError(f"service not {what} within {deadline_s} s:\n{self.log()}")
 
     def rss_mb(self) -> float:
         return self.ps.memory_info().rss / 2**20

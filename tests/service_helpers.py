@@ -6,19 +6,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import signal
-import socket
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -27,8 +22,6 @@ from PIL import Image
 from models.preprocessing import Preprocessing
 
 from .conftest import ROOT
-
-READY_DEADLINE_S = 60.0
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -147,69 +140,3 @@ def export(arch: str, weights: str, repo: Path, *extra: str) -> None:
     )
     if result.returncode != 0:
         raise RuntimeError(f"export {arch} failed: {result.stderr or result.stdout}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServiceProcess:
-    """`python -m service` in a subprocess on 127.0.0.1; its log goes to a file for failures."""
-
-    def __init__(self, repo: Path, log_path: Path, *args: str, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        command = [sys.executable, "-m", "service", "--model-repository", str(repo)]
-        command += ["--port", str(self.port), *args]
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
-        environment.update(env or {})
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=environment
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text("utf-8", "replace")
-
-    def wait_listening(self, deadline_s: float = READY_DEADLINE_S) -> None:
-        self._wait(lambda r: True, "listening", deadline_s, "/healthz")
-
-    def wait_ready(self, deadline_s: float = READY_DEADLINE_S) -> None:
-        self._wait(lambda r: r.status_code == 200, "ready", deadline_s, "/readyz")
-
-    def _wait(self, done: Any, what: str, deadline_s: float, path: str) -> None:
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"service exited ({self.process.returncode}):\n{self.log()}")
-            try:
-                if done(httpx.get(self.url + path, timeout=2.0)):
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.02)
-        raise TimeoutError(f"service not {what} within {deadline_s} s:\n{self.log()}")
-
-    def terminate(self, timeout_s: float = 30.0) -> int:
-        """SIGTERM, then the exit status (a hung process is killed and fails the caller)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise
-        finally:
-            self._log.close()
-
-    def __enter__(self) -> ServiceProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.terminate()
-        self._log.close()

@@ -20,11 +20,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from reliability.harness import Service as ServiceProcess
 from service.api import create_app
 from service.settings import Settings
 
 from .conftest import SHARED_DATA, normalize_cifar, require
-from .service_helpers import ServiceProcess, export, multipart, write_tiny_model
+from .service_helpers import export, multipart, write_tiny_model
 
 httpclient = pytest.importorskip(
     "tritonclient.http", reason="tritonclient[http] (a dev dependency) is not installed"

@@ -23,9 +23,10 @@ import pytest
 from PIL import Image, ImageOps
 from prometheus_client.parser import text_string_to_metric_families
 
+from reliability.harness import Service as ServiceProcess
+
 from .conftest import CIFAR_CHECKPOINT_FILES, PHOTOS, ROOT, normalize_cifar, require
 from .service_helpers import (
-    ServiceProcess,
     decompression_bomb_png,
     export,
     image_bytes,
