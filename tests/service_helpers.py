@@ -3,9 +3,7 @@ real `python -m service` process on a free local port."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import struct
 import subprocess
 import sys
@@ -19,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from models.preprocessing import Preprocessing
+from reliability.graphs import write_entry
 
 from .conftest import ROOT
 
@@ -99,34 +97,18 @@ def write_tiny_model(
     **overrides: Any,
 ) -> Path:
     """A complete repository version (docs/repository.md) around `tiny_graph`."""
-    directory = repo / name / str(version)
-    directory.mkdir(parents=True)
     graph = tiny_graph(num_classes, crop, dynamic=dynamic)
-    (directory / "model.onnx").write_bytes(graph)
-    metadata: dict[str, Any] = {
-        "format_version": 1,
-        "name": name,
-        "version": version,
-        "arch": "tiny",
-        "family": "cifar",
-        "model_file": "model.onnx",
-        "model_sha256": hashlib.sha256(graph).hexdigest(),
-        "precision": "fp32",
-        "input": {"name": "images", "shape": [None, 3, crop, crop], "dtype": "float32"},
-        "outputs": {
-            "logits": {"name": "logits", "shape": [None, num_classes], "dtype": "float32"},
-            "embedding": {"name": "embedding", "shape": [None, 3], "dtype": "float32"},
-        },
-        "num_classes": num_classes,
-        "embedding_dim": 3,
-        "labels": [f"class{i}" for i in range(num_classes)],
-        "preprocessing": Preprocessing(resize_shorter=crop, crop=crop).to_dict(),
-        "max_batch_size": max_batch_size,
-        "parity": {"passed": True},
-    }
-    metadata.update(overrides)
-    (directory / "metadata.json").write_text(json.dumps(metadata), "utf-8")
-    return directory
+    return write_entry(
+        repo,
+        name,
+        graph,
+        crop=crop,
+        classes=num_classes,
+        dim=3,
+        version=version,
+        max_batch_size=max_batch_size,
+        **{"arch": "tiny", **overrides},
+    )
 
 
 def export(arch: str, weights: str, repo: Path, *extra: str) -> None:
