@@ -63,9 +63,9 @@ def write_version(
             json.dump(metadata, f, indent=2)
             f.write("\n")
         for path in (tmp / "model.onnx", tmp / "metadata.json"):
-            _fsync(path)
+            fsync_path(path)
         os.rename(tmp, target)  # fails if another writer created the version meanwhile
-        _fsync(model_dir)
+        fsync_path(model_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_model_dir:
@@ -76,7 +76,8 @@ def write_version(
     return target
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable only once its directory is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

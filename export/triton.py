@@ -150,7 +150,7 @@ def write_model_config(repo: Path, name: str) -> Path:
         _replace_if_changed(model_dir / LABELS_FILE, labels),
     ]
     if any(changed):
-        _fsync_directory(model_dir)
+        repository.fsync_path(model_dir)
     return model_dir / CONFIG_FILE
 
 
@@ -203,11 +203,3 @@ def _replace_if_changed(path: Path, text: str) -> bool:
             raise repository.RepositoryError(f"cannot write {path}: {exc}") from exc
         raise
     return True
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,11 +1,11 @@
 """The second engine: OpenVINO on the CPU, for bf16 on AMX / AVX512-BF16 units.
 
-Chosen over onnxruntime's OpenVINO execution provider by measurement and packaging: the EP ships
-as `onnxruntime-openvino`, a third build of the `onnxruntime` module that cannot be installed
-beside the CPU or GPU one, and lags OpenVINO releases; the OpenVINO runtime installs beside
-either build and reads the same ONNX graph. On the 2-core Xeon (AMX) of our CI machines it runs
-ResNet-50 at ~11 ms (batch 1) and ~57 ms (batch 8) in bf16, against ~30 and ~200 ms for
-onnxruntime fp32 (`python -m bench engine`).
+Chosen over onnxruntime's OpenVINO execution provider for packaging (the EP was not measured):
+it ships as `onnxruntime-openvino`, a third build of the `onnxruntime` module that cannot be
+installed beside the CPU or GPU one, and lags OpenVINO releases; the OpenVINO runtime installs
+beside either build and reads the same ONNX graph. On the 2-core Xeon (AMX) of our CI machines it
+runs ResNet-50 at 7.5 ms (batch 1) and 40 ms (batch 8) in bf16, against 28 and 195 ms for
+onnxruntime fp32 (`make bench`, README "Latency per depth").
 
 Same interface as `engine.Engine`: `run`, `warm`, `provider`, `providers`, `io_binding`.
 """
