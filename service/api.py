@@ -171,7 +171,7 @@ async def embed(
 
 @router.get("/models", response_model=ModelsResponse, summary="Every served model")
 async def list_models(server: Server) -> Response:
-    models = [m.describe(server.settings) for m in server.models.values()]
+    models = [server.describe(m) for m in server.models.values()]
     return JSONResponse({"models": models})
 
 
@@ -180,7 +180,7 @@ async def get_model(name: str, server: Server) -> Response:
     served = server.models.get(name)
     if served is None:
         raise ModelNotFoundError(f"no model named {name!r} (served: {sorted(server.models)})")
-    return JSONResponse(served.describe(server.settings))
+    return JSONResponse(server.describe(served))
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="The process is alive")

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     require_cuda: bool = Field(
         False, description="refuse to start unless every session really runs on CUDA"
     )
+    overlap_decoding: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="decode images while a batch runs (always), or let decoding and inference "
+        "take turns on the cores (never); auto: overlap when the models run on CUDA, take "
+        "turns when inference uses the CPU cores",
+    )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per session (0: cores)")
     allow_spinning: bool = Field(
         False,
