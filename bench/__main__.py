@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw-body", action="store_true", help="send raw image bodies, not multipart"
     )
     http.add_argument(
+        "--client",
+        choices=("wire", "httpx"),
+        default="wire",
+        help="load generator: wire, a lean keep-alive HTTP/1.1 client that leaves the cores to "
+        "the service (default), or httpx",
+    )
+    http.add_argument(
         "--service-ready-timeout-s",
         type=float,
         default=300.0,
@@ -255,6 +262,7 @@ def run_http_mode(args: argparse.Namespace, command: str) -> dict[str, Any]:
         warmup_requests=args.warmup_requests,
         max_connections=args.max_connections,
         raw_body=args.raw_body,
+        client=args.client,
         start_service=args.repository if args.start_service else None,
         service_ready_timeout_s=args.service_ready_timeout_s,
     )

@@ -8,18 +8,24 @@ Every level is bounded by a request count and a duration; every request by a tot
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import json
 import sys
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 from tqdm import tqdm
 
 from .stats import summarize
+from .wire import WireClient
+
+CLIENTS = ("wire", "httpx")
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class LoadSpec:
     duration_s: float
     timeout_s: float
     expect_key: str  # "predictions" | "embeddings": one entry per image in a 200 answer
+    client: str = "wire"  # wire: the lean keep-alive client (bench/wire.py) | httpx
 
 
 @dataclass
@@ -98,8 +105,57 @@ def build_payloads(
     return tuple(payloads)
 
 
+class Poster(Protocol):
+    async def __aenter__(self) -> Poster: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+    async def post(self, payload: Payload) -> tuple[int, bytes]: ...
+
+
+class _WirePoster:
+    def __init__(self, url: str, connections: int) -> None:
+        parts = urlsplit(url)
+        self._target = parts.path + (f"?{parts.query}" if parts.query else "")
+        self._client = WireClient(url, connections)
+
+    async def __aenter__(self) -> _WirePoster:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.__aexit__(*exc)
+
+    async def post(self, payload: Payload) -> tuple[int, bytes]:
+        head = self._client.request_head(self._target, payload.content_type, len(payload.body))
+        return await self._client.post(head, payload.body)
+
+
+class _HttpxPoster:
+    def __init__(self, url: str, connections: int, timeout_s: float) -> None:
+        self._url = url
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self._client = httpx.AsyncClient(limits=limits, timeout=timeout_s)
+
+    async def __aenter__(self) -> _HttpxPoster:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.aclose()
+
+    async def post(self, payload: Payload) -> tuple[int, bytes]:
+        headers = {"content-type": payload.content_type}
+        response = await self._client.post(self._url, content=payload.body, headers=headers)
+        return response.status_code, response.content
+
+
+def _poster(spec: LoadSpec, connections: int) -> Poster:
+    if spec.client == "wire":
+        return _WirePoster(spec.url, connections)
+    if spec.client == "httpx":
+        return _HttpxPoster(spec.url, connections, spec.timeout_s)
+    raise ValueError(f"unknown client {spec.client!r}; choose one of {CLIENTS}")
+
+
 async def send(
-    client: httpx.AsyncClient,
+    client: Poster,
     spec: LoadSpec,
     payload: Payload,
     recorder: Recorder,
@@ -109,17 +165,12 @@ async def send(
     t0 = time.perf_counter() if started is None else started
     recorder.sent += 1
     try:
-        response = await asyncio.wait_for(
-            client.post(
-                spec.url, content=payload.body, headers={"content-type": payload.content_type}
-            ),
-            timeout=spec.timeout_s,
-        )
+        code, body = await asyncio.wait_for(client.post(payload), timeout=spec.timeout_s)
         elapsed = time.perf_counter() - t0
-        status = str(response.status_code)
-        if status == "200" and _results(response, spec.expect_key) != payload.images:
+        status = str(code)
+        if status == "200" and _results(body, spec.expect_key) != payload.images:
             status = "200 with a wrong body"
-    except (httpx.HTTPError, TimeoutError) as exc:
+    except (httpx.HTTPError, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
         elapsed, status = time.perf_counter() - t0, type(exc).__name__
     recorder.statuses[status] += 1
     if status == "200":
@@ -127,19 +178,14 @@ async def send(
         recorder.images_ok += payload.images
 
 
-def _results(response: httpx.Response, key: str) -> int | None:
+def _results(body: bytes, key: str) -> int | None:
     """How many per-image results a 200 answer holds; None if it is not the expected JSON."""
     try:
-        data = response.json()
+        data = json.loads(body)
     except ValueError:
         return None
     results = data.get(key) if isinstance(data, dict) else None
     return len(results) if isinstance(results, list) else None
-
-
-def _client(connections: int, timeout_s: float) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.AsyncClient(limits=limits, timeout=timeout_s)
 
 
 async def closed_loop(spec: LoadSpec, concurrency: int, desc: str) -> dict[str, Any]:
@@ -147,7 +193,7 @@ async def closed_loop(spec: LoadSpec, concurrency: int, desc: str) -> dict[str, 
     recorder = Recorder()
     tickets = itertools.count()
     progress = tqdm(total=spec.requests, desc=desc, unit="req", file=sys.stderr, disable=None)
-    async with _client(concurrency, spec.timeout_s) as client:
+    async with _poster(spec, concurrency) as client:
         start = time.perf_counter()
         deadline = start + spec.duration_s
 
@@ -176,7 +222,7 @@ async def open_loop(
     count = min(spec.requests, max(1, int(spec.duration_s * rate_per_s)))
     progress = tqdm(total=count, desc=desc, unit="req", file=sys.stderr, disable=None)
     tasks: list[asyncio.Task[None]] = []
-    async with _client(max_connections, spec.timeout_s) as client:
+    async with _poster(spec, max_connections) as client:
         start = time.perf_counter()
         for i in range(count):
             scheduled = start + i / rate_per_s
@@ -198,8 +244,6 @@ async def warm_up(spec: LoadSpec, requests: int, concurrency: int) -> dict[str, 
     """A few untimed requests (connections, the service's first batches); their statuses."""
     if requests <= 0:
         return {}
-    warm = LoadSpec(
-        spec.url, spec.payloads, requests, spec.duration_s, spec.timeout_s, spec.expect_key
-    )
+    warm = dataclasses.replace(spec, requests=requests)
     level = await closed_loop(warm, max(1, min(concurrency, requests)), "warm-up")
     return level["statuses"]

@@ -185,7 +185,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         parts += [f"Command: `{http.get('command', '')}`", ""]
         parts += [
             f"Target {http.get('url')}, model {http.get('model')}, endpoint "
-            f"{http.get('endpoint')}, {http.get('images')} distinct images.",
+            f"{http.get('endpoint')}, {http.get('images')} distinct images, load generator "
+            f"{http.get('client', 'httpx')} on the same machine.",
             "",
         ]
         if http.get("closed"):
@@ -200,7 +201,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"HTTP at concurrency {vs['concurrency']}: {vs['http_images_per_s']:.1f} images/s "
                 f"= {100 * vs['ratio']:.0f}% of the engine's in-process "
                 f"{vs['engine_images_per_s']:.1f} images/s with preprocessing (batch "
-                f"{vs['engine_batch_size']}; target 90%).",
+                f"{vs['engine_batch_size']}; target {vs.get('target', 0.95):.0%}).",
                 "",
             ]
     return "\n".join(parts)
