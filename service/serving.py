@@ -56,6 +56,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         require_cuda=settings.require_cuda,
         intra_op_threads=settings.intra_op_threads,
         allow_spinning=settings.allow_spinning,
+        cudnn_conv_algo_search=settings.cudnn_conv_algo_search,
     )
 
 

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
         "take turns on the cores (never); auto: overlap when the models run on CUDA, take "
         "turns when inference uses the CPU cores",
     )
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "EXHAUSTIVE",
+        description="CUDA: how cuDNN picks convolution algorithms; EXHAUSTIVE times them all on "
+        "the first run of each shape, which the warm-up of every batch size pays before "
+        "/readyz, so requests get the fastest ones",
+    )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per session (0: cores)")
     allow_spinning: bool = Field(
         False,

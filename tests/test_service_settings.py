@@ -51,6 +51,22 @@ def test_every_setting_has_a_flag_and_a_variable() -> None:
         assert "RESNET_SERVE_" + name.upper() in help_text
 
 
+def test_cuda_and_cpu_tuning_reach_the_engine_config(tmp_path: Path) -> None:
+    from service.engine import CUDA as CUDA_PROVIDER
+    from service.engine import provider_options
+    from service.serving import engine_config
+
+    argv = ["--model-repository", str(tmp_path), "--cudnn-conv-algo-search", "HEURISTIC"]
+    settings = parse_settings([*argv, "--overlap-decoding", "never"])
+    assert settings.overlap_decoding == "never"
+    options = provider_options([CUDA_PROVIDER, CPU], engine_config(settings))
+    assert options[0]["cudnn_conv_algo_search"] == "HEURISTIC" and options[1] == {}
+    default = engine_config(Settings(model_repository=tmp_path))
+    assert default.cudnn_conv_algo_search == "EXHAUSTIVE"
+    with pytest.raises(SystemExit):
+        parse_settings([*argv[:2], "--cudnn-conv-algo-search", "FASTEST"])
+
+
 def test_boolean_flags(tmp_path: Path) -> None:
     settings = parse_settings(["--model-repository", str(tmp_path), "--no-access-log"])
     assert settings.access_log is False
