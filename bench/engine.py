@@ -1,6 +1,6 @@
 """`bench engine`: onnxruntime latency per model and batch size, in process.
 
-Inference goes through `service.engine.create_engine`, configured from the service's own
+Inference goes through `service.serving.open_entry`, configured from the service's own
 `Settings` (same engine per model, session options, threads, spinning, providers, IO binding on
 CUDA), so the figures are the service's ceiling. With a PyTorch reference, the two run
 alternately within each iteration (the order flips every iteration), so drifting machine load
@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from service.engine import EngineConfig, create_engine, session_options
+from service.engine import EngineConfig, session_options
 from service.repository import ModelEntry, scan_repository
 from service.serving import engine_config as service_engine_config
+from service.serving import open_entry
 from service.settings import Settings
 
 from .stats import summarize
@@ -163,15 +164,7 @@ def bench_entry(
     on_row: Callable[[dict[str, Any]], None],
 ) -> None:
     """Measure one model at every batch size; hand each finished row to `on_row`."""
-    engine = create_engine(
-        entry.model_file,
-        config,
-        engine=entry.engine,
-        precision=entry.precision,
-        input_name=entry.input_name,
-        output_names=[entry.logits_name, entry.embedding_name],
-        input_shape=entry.input_shape,
-    )
+    engine = open_entry(entry, config)
     providers = engine.providers
     torch_runner: Callable[[np.ndarray], Runner] | None = None
     device = None
@@ -246,7 +239,7 @@ def run_engine(
 ) -> dict[str, Any]:
     """The `engine` section of results.json for the models of `repository`."""
     config, settings = engine_config(repository, overrides)
-    entries = select_models(scan_repository(repository, verify_hashes=True), models)
+    entries = select_models(scan_repository(repository), models)
     threads = session_options(config).intra_op_num_threads
     torch_threads = None
     if options.compare_torch:

@@ -18,9 +18,10 @@ import onnx
 import onnxruntime
 import torch
 
-from models.checkpoint import sha256_file
+from models.hashing import sha256_file
 from models.registry import ArchSpec, complexity, get_spec
-from service.engine import EngineConfig, create_session
+from service.engine import Engine
+from service.repository import FORMAT_VERSION
 
 from . import repository, triton
 from .onnx_export import EXPORTER, INPUT_NAME, OPSET, OUTPUT_NAMES, export_onnx
@@ -36,7 +37,6 @@ from .precision import (
 )
 from .weights import load_model
 
-FORMAT_VERSION = 1
 DEFAULT_MAX_BATCH_SIZE = 32
 
 
@@ -138,10 +138,10 @@ def export_model(request: ExportRequest) -> ExportResult:
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as tmp:
         graph = Path(tmp) / "model.onnx"
         export_onnx(model, spec.input_size, graph)
-        session = create_session(graph, EngineConfig())
+        fp32 = open_engine(graph, "fp32", spec.input_size)  # what the service will run
         report = check_parity(
             model,
-            session,
+            fp32,
             spec.input_size,
             batch_sizes=batch_sizes,
             tolerances=request.tolerances,
@@ -154,7 +154,7 @@ def export_model(request: ExportRequest) -> ExportResult:
             raise ExportError("parity failed: " + "; ".join(report.failures()))
         served, gate = graph, None
         if reduced:
-            served, gate = _reduce_precision(request, spec, labels, graph, Path(tmp))
+            served, gate = _reduce_precision(request, spec, labels, graph, fp32, Path(tmp))
         params, macs = complexity(spec)
         metadata = {
             "format_version": FORMAT_VERSION,
@@ -209,7 +209,12 @@ def export_model(request: ExportRequest) -> ExportResult:
 
 
 def _reduce_precision(
-    request: ExportRequest, spec: ArchSpec, labels: list[str], graph: Path, tmp: Path
+    request: ExportRequest,
+    spec: ArchSpec,
+    labels: list[str],
+    graph: Path,
+    fp32: Engine,
+    tmp: Path,
 ) -> tuple[Path, dict[str, Any]]:
     """The graph to serve at `request.precision` and its gate report; raises if the gate fails."""
     assert request.gate_images is not None
@@ -219,7 +224,6 @@ def _reduce_precision(
         assert request.calibration_images is not None
         served = tmp / "model.int8.onnx"
         quantize_int8(graph, served, request.calibration_images)
-    fp32 = open_engine(graph, "fp32", spec.input_size)
     reduced = open_engine(served, request.precision, spec.input_size)
     gate = run_gate(
         fp32,

@@ -26,9 +26,6 @@ import numpy as np
 import torch
 
 from models.resnet import ResNet
-from service.engine import run_session
-
-from .onnx_export import INPUT_NAME, OUTPUT_NAMES
 
 
 @dataclass(frozen=True)
@@ -115,10 +112,10 @@ def _diff(ort_out: np.ndarray, ref: np.ndarray, tol: Tolerances, noise: float) -
     )
 
 
-def _run_both(model: ResNet, session: Any, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+def _run_both(model: ResNet, engine: Any, batch: np.ndarray) -> tuple[np.ndarray, ...]:
     with torch.no_grad():
         ref_logits, ref_emb = model.forward_with_embedding(torch.from_numpy(batch))
-    ort_logits, ort_emb = run_session(session, INPUT_NAME, list(OUTPUT_NAMES), batch)
+    ort_logits, ort_emb = engine.run(batch)
     return (
         ref_logits.numpy().astype(np.float64),
         ref_emb.numpy().astype(np.float64),
@@ -129,14 +126,14 @@ def _run_both(model: ResNet, session: Any, batch: np.ndarray) -> tuple[np.ndarra
 
 def compare_case(
     model: ResNet,
-    session: Any,
+    engine: Any,
     batches: list[np.ndarray],
     inputs: str,
     tol: Tolerances,
     noise_floor: dict[str, float],
 ) -> CaseResult:
-    """Measure over `batches` (each one session run at its own size), judge once."""
-    runs = [_run_both(model, session, b) for b in batches]
+    """Measure over `batches` (each one engine run at its own size), judge once."""
+    runs = [_run_both(model, engine, b) for b in batches]
     ref_logits, ref_emb, ort_logits, ort_emb = (np.concatenate(x) for x in zip(*runs, strict=True))
     logits = _diff(ort_logits, ref_logits, tol, noise_floor["logits"])
     embedding = _diff(ort_emb, ref_emb, tol, noise_floor["embedding"])
@@ -196,7 +193,7 @@ def noise_floor(model: ResNet, batch: np.ndarray) -> dict[str, float]:
 
 def check_parity(
     model: ResNet,
-    session: Any,
+    engine: Any,
     input_size: tuple[int, int, int],
     *,
     batch_sizes: list[int],
@@ -215,7 +212,7 @@ def check_parity(
     report = ParityReport(tolerances=tolerances, batch_sizes=list(batch_sizes), noise_floor=noise)
     for batch in batches:
         report.results.append(
-            compare_case(model, session, [batch], f"random:{seed}", tolerances, noise)
+            compare_case(model, engine, [batch], f"random:{seed}", tolerances, noise)
         )
     if images is not None and len(images):
         chunks = [
@@ -223,6 +220,6 @@ def check_parity(
             for start in range(0, len(images), max_batch)
         ]
         report.results.append(
-            compare_case(model, session, chunks, f"images:{images_source}", tolerances, noise)
+            compare_case(model, engine, chunks, f"images:{images_source}", tolerances, noise)
         )
     return report

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import fetch_pretrained, load_checkpoint, sha256_file
+from models.checkpoint import fetch_pretrained, load_checkpoint
+from models.hashing import sha256_file
 from models.registry import ArchSpec
 from models.resnet import ResNet
 

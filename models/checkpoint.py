@@ -10,7 +10,6 @@ A mismatch raises `CheckpointMismatchError` naming the missing, unexpected and w
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .hashing import sha256_file
 from .registry import ArchSpec
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -58,14 +58,6 @@ class CheckpointMismatchError(CheckpointError):
 def _preview(items: list[str], limit: int = 6) -> str:
     shown = ", ".join(items[:limit])
     return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:

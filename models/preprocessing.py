@@ -46,6 +46,8 @@ class Preprocessing:
             )
         if self.color != "RGB" or self.layout != "NCHW":
             raise ValueError("only RGB input in NCHW layout is supported")
+        if not self.antialias:
+            raise ValueError("only antialiased resizing is supported (what Pillow's resize does)")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -13,12 +13,13 @@ from importlib import metadata as package_metadata
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from starlette.responses import Response
 
 from .bodies import FILE_PART, read_images
+from .dependencies import Server
 from .disconnect import unless_disconnected
-from .errors import InvalidParameterError, ModelNotFoundError, install_error_handlers
+from .errors import InvalidParameterError, install_error_handlers
 from .metrics import Metrics
 from .oip import router as oip_router
 from .schemas import (
@@ -84,14 +85,6 @@ ModelParam = Annotated[
 ]
 
 
-async def _server(request: Request) -> ModelServer:
-    """Async on purpose: FastAPI runs sync dependencies in its thread pool, a thread hop per
-    request and up to 40 threads under a burst."""
-    server: ModelServer = request.app.state.server
-    return server
-
-
-Server = Annotated[ModelServer, Depends(_server)]
 router = APIRouter()
 
 
@@ -177,10 +170,7 @@ async def list_models(server: Server) -> Response:
 
 @router.get("/models/{name}", response_model=ModelInfo, responses=_errors(404), summary="One model")
 async def get_model(name: str, server: Server) -> Response:
-    served = server.models.get(name)
-    if served is None:
-        raise ModelNotFoundError(f"no model named {name!r} (served: {sorted(server.models)})")
-    return JSONResponse(server.describe(served))
+    return JSONResponse(server.describe(server.resolve(name)))
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="The process is alive")

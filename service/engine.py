@@ -139,12 +139,6 @@ def create_session(model_path: str | Path, config: EngineConfig) -> ort.Inferenc
     return session
 
 
-def run_session(
-    session: ort.InferenceSession, input_name: str, output_names: list[str], batch: np.ndarray
-) -> list[np.ndarray]:
-    return session.run(output_names, {input_name: batch})
-
-
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -215,14 +209,17 @@ class Engine:
             outputs = self.session.run(self.output_names, {self.input_name: batch})
         return [np.asarray(output, dtype=np.float32) for output in outputs]
 
-    def warm(self, batch_sizes: Iterable[int], input_shape: tuple[int, ...]) -> list[int]:
-        """Run every batch size once, so that no request pays for a first run (cuDNN's algorithm
-        search, memory arena growth)."""
-        warmed = []
-        for size in batch_sizes:
-            self.run(np.zeros((size, *input_shape), dtype=np.float32))
-            warmed.append(size)
-        return warmed
+
+def warm(
+    engine: Engine | OpenVINOEngine, batch_sizes: Iterable[int], input_shape: tuple[int, ...]
+) -> list[int]:
+    """Run every batch size once, so that no request pays for a first run (cuDNN's algorithm
+    search, memory arena growth); the sizes warmed."""
+    warmed = []
+    for size in batch_sizes:
+        engine.run(np.zeros((size, *input_shape), dtype=np.float32))
+        warmed.append(size)
+    return warmed
 
 
 ENGINES = ("onnxruntime", "openvino")
@@ -239,7 +236,7 @@ def create_engine(
     input_shape: tuple[int, ...],
 ) -> Engine | OpenVINOEngine:
     """The engine a model's metadata asks for: onnxruntime (fp32, int8; CPU or CUDA) or OpenVINO
-    (bf16 on the CPU). Both offer `run`, `warm`, `provider`, `providers` and `io_binding`."""
+    (bf16 on the CPU). Both offer `run`, `provider`, `providers` and `io_binding`."""
     if engine == "onnxruntime":
         return Engine(
             model_path,

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
 from .bodies import read_body
+from .dependencies import Server
 from .errors import OIP_PREFIX, ModelNotFoundError
 from .oip_codec import (
     HEADER_LENGTH,
@@ -74,12 +75,6 @@ class ErrorMessage(BaseModel):
     error: str
 
 
-async def _server(request: Request) -> ModelServer:  # async: no thread hop (see api.py)
-    server: ModelServer = request.app.state.server
-    return server
-
-
-Server = Annotated[ModelServer, Depends(_server)]
 router = APIRouter(prefix=OIP_PREFIX, tags=["Open Inference Protocol (KServe v2)"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorMessage, "description": "malformed request, bad shape or datatype"},
@@ -175,12 +170,14 @@ def describe(entry: ModelEntry) -> dict[str, Any]:
 
 
 def _find(server: ModelServer, name: str, version: str | None) -> ServedModel:
-    model = server.models.get(name)
-    if model is None:
-        raise ModelNotFoundError(f"no model named {name!r} (served: {sorted(server.models)})")
+    return _check_version(server.resolve(name), version)
+
+
+def _check_version(model: ServedModel, version: str | None) -> ServedModel:
     if version is not None and version != str(model.entry.version):
         raise ModelNotFoundError(
-            f"model {name!r} has no version {version!r}; it serves version {model.entry.version}"
+            f"model {model.entry.name!r} has no version {version!r}; "
+            f"it serves version {model.entry.version}"
         )
     return model
 
@@ -196,7 +193,7 @@ def _model_ready(server: ModelServer, name: str, version: str | None) -> Respons
 async def _infer(request: Request, server: ModelServer, name: str, version: str | None) -> Response:
     settings = server.settings
     async with server.request(name, "v2_infer") as served:
-        entry = _find(server, name, version).entry
+        entry = _check_version(served, version).entry
         body = await read_body(request, settings.max_request_bytes)
         headers = request.headers
         encoding = headers.get("content-encoding", "identity").strip().lower()

@@ -7,12 +7,11 @@ beside either build and reads the same ONNX graph. On the 2-core Xeon (AMX) of o
 runs ResNet-50 at 7.5 ms (batch 1) and 40 ms (batch 8) in bf16, against 28 and 195 ms for
 onnxruntime fp32 (`make bench`, README "Latency per depth").
 
-Same interface as `engine.Engine`: `run`, `warm`, `provider`, `providers`, `io_binding`.
+Same interface as `engine.Engine`: `run`, `provider`, `providers`, `io_binding`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +77,9 @@ class OpenVINOEngine:
         self._outputs = [names[n] for n in output_names]
         self._request = self.compiled.create_infer_request()
         self.input_name, self.output_names = input_name, list(output_names)
-        self.input_shape = input_shape
-        self.precision = precision
         self.provider = f"OpenVINO CPU ({precision})"
         self.providers = [self.provider]
         self.io_binding = False
-        self.input_dtype: type[np.generic] = np.float32
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         """Outputs as float32, in `output_names` order. One request at a time (the batcher
@@ -91,10 +87,3 @@ class OpenVINOEngine:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         results = self._request.infer({self.input_name: batch})
         return [np.array(results[output], dtype=np.float32) for output in self._outputs]
-
-    def warm(self, batch_sizes: Iterable[int], input_shape: tuple[int, ...]) -> list[int]:
-        warmed = []
-        for size in batch_sizes:
-            self.run(np.zeros((size, *input_shape), dtype=np.float32))
-            warmed.append(size)
-        return warmed

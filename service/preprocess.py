@@ -12,6 +12,7 @@ that is what `Image.convert("RGB")` in torchvision's `ImageFolder` loader did at
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -86,12 +87,23 @@ def resize_and_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
     return image
 
 
+@functools.cache
+def _constants(prep: Preprocessing) -> tuple[np.float32, np.ndarray, np.ndarray]:
+    """scale, mean and std as float32, shaped to broadcast over CHW: once per preprocessing."""
+    return (
+        np.float32(prep.scale),
+        np.asarray(prep.mean, dtype=np.float32)[:, None, None],
+        np.asarray(prep.std, dtype=np.float32)[:, None, None],
+    )
+
+
 def normalize_into(pixels: np.ndarray, prep: Preprocessing, out: np.ndarray) -> None:
     """uint8 HWC RGB -> ((x * scale) - mean) / std as float32 CHW, written into `out`."""
+    scale, mean, std = _constants(prep)
     out[...] = pixels.transpose(2, 0, 1)
-    out *= np.float32(prep.scale)
-    out -= np.asarray(prep.mean, dtype=np.float32)[:, None, None]
-    out /= np.asarray(prep.std, dtype=np.float32)[:, None, None]
+    out *= scale
+    out -= mean
+    out /= std
 
 
 def preprocess_into(data: bytes, prep: Preprocessing, out: np.ndarray, *, max_pixels: int) -> None:

@@ -6,13 +6,13 @@ in the dict this returns and never used as paths.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.hashing import sha256_file
 from models.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class ModelEntry:
         return (3, crop, crop)
 
 
-def scan_repository(root: Path, *, verify_hashes: bool = True) -> dict[str, ModelEntry]:
+def scan_repository(root: Path) -> dict[str, ModelEntry]:
     """{name: entry} for the highest version of each model under `root`."""
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} is not a directory")
@@ -70,7 +70,7 @@ def scan_repository(root: Path, *, verify_hashes: bool = True) -> dict[str, Mode
             log.warning("skipping %s: no version directories", model_dir)
             continue
         version_dir = model_dir / str(max(versions))
-        entries[model_dir.name] = load_entry(version_dir, verify_hash=verify_hashes)
+        entries[model_dir.name] = load_entry(version_dir)
     if not entries:
         raise RepositoryError(
             f"model repository {root} holds no models (expected REPO/<name>/<version>/)"
@@ -78,7 +78,7 @@ def scan_repository(root: Path, *, verify_hashes: bool = True) -> dict[str, Mode
     return entries
 
 
-def load_entry(version_dir: Path, *, verify_hash: bool = True) -> ModelEntry:
+def load_entry(version_dir: Path) -> ModelEntry:
     name, version = version_dir.parent.name, int(version_dir.name)
     where = f"{name} version {version} ({version_dir})"
     try:
@@ -135,14 +135,6 @@ def load_entry(version_dir: Path, *, verify_hash: bool = True) -> ModelEntry:
     if not entry.model_file.is_file():
         raise RepositoryError(f"{where}: {entry.model_file.name} is missing")
     expected = metadata.get("model_sha256")
-    if verify_hash and expected and _sha256(entry.model_file) != expected:
+    if expected and sha256_file(entry.model_file) != expected:
         raise RepositoryError(f"{where}: {entry.model_file.name} does not match model_sha256")
     return entry
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

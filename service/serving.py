@@ -28,6 +28,7 @@ from .engine import (
     available_cores,
     create_engine,
     resolve_providers,
+    warm,
 )
 from .errors import (
     InvalidParameterError,
@@ -57,6 +58,19 @@ def engine_config(settings: Settings) -> EngineConfig:
         intra_op_threads=settings.intra_op_threads,
         allow_spinning=settings.allow_spinning,
         cudnn_conv_algo_search=settings.cudnn_conv_algo_search,
+    )
+
+
+def open_entry(entry: ModelEntry, config: EngineConfig) -> Engine | OpenVINOEngine:
+    """The engine a repository entry's metadata asks for (the benchmark uses it too)."""
+    return create_engine(
+        entry.model_file,
+        config,
+        engine=entry.engine,
+        precision=entry.precision,
+        input_name=entry.input_name,
+        output_names=[entry.logits_name, entry.embedding_name],
+        input_shape=entry.input_shape,
     )
 
 
@@ -209,16 +223,7 @@ class ModelServer:
 
     async def _load(self, model: ServedModel) -> None:
         entry, started = model.entry, time.monotonic()
-        engine = await asyncio.to_thread(
-            create_engine,
-            entry.model_file,
-            self.engine_config,
-            engine=entry.engine,
-            precision=entry.precision,
-            input_name=entry.input_name,
-            output_names=[entry.logits_name, entry.embedding_name],
-            input_shape=entry.input_shape,
-        )
+        engine = await asyncio.to_thread(open_entry, entry, self.engine_config)
         model.engine = engine
         if CUDA in self.providers and engine.provider != CUDA:
             log.warning(
@@ -233,7 +238,7 @@ class ModelServer:
             engine.io_binding,
         )
         sizes = model.warmup_sizes(engine.provider)
-        model.warmed = await asyncio.to_thread(engine.warm, sizes, entry.input_shape)
+        model.warmed = await asyncio.to_thread(warm, engine, sizes, entry.input_shape)
         model.batcher = Batcher(
             entry.name,
             engine.run,

@@ -17,8 +17,8 @@ from models.checkpoint import (
     fetch_pretrained,
     load_checkpoint,
     read_state_dict,
-    sha256_file,
 )
+from models.hashing import sha256_file
 from models.registry import PretrainedWeights, get_spec
 
 from .conftest import CIFAR_CHECKPOINT_FILES, CIFAR_CHECKPOINTS, normalize_cifar, require

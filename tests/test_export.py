@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from export.exporter import ExportError, ExportRequest, export_model
-from models.checkpoint import load_checkpoint, sha256_file
+from models.checkpoint import load_checkpoint
+from models.hashing import sha256_file
 from models.registry import CIFAR10_CLASSES, complexity, get_spec
 from service.engine import EngineConfig, create_session
 

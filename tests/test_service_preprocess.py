@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.preprocessing import CIFAR, IMAGENET
+from models.preprocessing import CIFAR, IMAGENET, Preprocessing
 from service.errors import ImageTooLargeError, InvalidImageError
 from service.preprocess import decode, normalize_into, preprocess_into, resize_and_crop
 
@@ -157,3 +157,22 @@ def test_pixel_limit_is_configurable() -> None:
 def test_undecodable_bytes_are_invalid_images(data: bytes) -> None:
     with pytest.raises(InvalidImageError):
         preprocess(data)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"resize_shorter": 8, "crop": 9}, "crop <= resize_shorter"),
+        ({"interpolation": "lanczos"}, "unknown interpolation"),
+        ({"antialias": False}, "only antialiased"),
+        ({"color": "BGR"}, "only RGB"),
+        ({"std": [0.2, 0.0, 0.2]}, "std strictly positive"),
+        ({"gamma": 2.2}, "unknown preprocessing fields"),
+    ],
+)
+def test_metadata_preprocessing_the_service_cannot_honour_is_refused(
+    values: dict[str, object], message: str
+) -> None:
+    data = {**IMAGENET.to_dict(), **values}
+    with pytest.raises(ValueError, match=message):
+        Preprocessing.from_dict(data)

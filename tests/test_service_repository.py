@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.engine import CPU, Engine, EngineConfig, EngineError
+from service.engine import CPU, Engine, EngineConfig, EngineError, warm
 from service.repository import RepositoryError, scan_repository
 
 from .service_helpers import write_tiny_model
@@ -82,7 +82,7 @@ def test_engine_runs_and_checks_the_graph(tmp_path: Path) -> None:
     assert engine.provider == CPU and not engine.io_binding
     assert logits.shape == (5, 4) and embedding.shape == (5, 3)
     np.testing.assert_allclose(embedding, batch.mean(axis=(2, 3)), atol=1e-6)
-    assert engine.warm([1, 3], (3, 8, 8)) == [1, 3]
+    assert warm(engine, [1, 3], (3, 8, 8)) == [1, 3]
 
     # The IO-binding path (what CUDA uses) gives the same answers when bound to the CPU.
     bound = Engine(
