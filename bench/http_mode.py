@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Any
 
 import httpx
 
-from .launcher import ServiceProcess
+from reliability.harness import Service
+
 from .load import LoadSpec, build_payloads, closed_loop, open_loop, warm_up
 from .report import load_results
 
@@ -44,18 +46,17 @@ class HttpOptions:
 
 @contextlib.contextmanager
 def target(options: HttpOptions, out: Path) -> Iterator[str]:
-    """The base URL to load: the given one, or a service started here for the run."""
+    """The base URL to load: the given one, or a service started here for the run (configured
+    by the RESNET_SERVE_* variables of this process, access log off)."""
     if options.start_service is None:
-        if not options.url:
-            raise ValueError("give --url of a running service, or --start-service REPO")
+        assert options.url is not None  # the CLI requires one of the two
         yield options.url.rstrip("/")
         return
-    with ServiceProcess(
-        options.start_service,
-        out / "service.log",
-        ready_timeout_s=options.service_ready_timeout_s,
-    ) as url:
-        yield url
+    out.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k.startswith("RESNET_SERVE_")}
+    with Service(options.start_service.resolve(), out / "service.log", env=env) as service:
+        service.wait_ready(options.service_ready_timeout_s)
+        yield service.url
 
 
 def models_of(url: str) -> dict[str, dict[str, Any]]:

@@ -58,7 +58,3 @@ def torch_device(ort_providers: list[str]) -> str:
             raise RuntimeError("onnxruntime runs on CUDA but this torch build has no CUDA")
         return "cuda"
     return "cpu"
-
-
-def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else "cpu"

@@ -41,9 +41,7 @@ class TritonConfigError(ValueError):
     """Metadata that no valid Triton configuration can be written for."""
 
 
-def render_config(
-    metadata: Mapping[str, Any], *, max_queue_delay_us: int = MAX_QUEUE_DELAY_US
-) -> str:
+def render_config(metadata: Mapping[str, Any]) -> str:
     """config.pbtxt for one model version's metadata (docs/repository.md)."""
     name = repository.validate_name(metadata["name"])
     max_batch = int(metadata["max_batch_size"])
@@ -95,7 +93,7 @@ def render_config(
         # Like the service's batcher: a batch closes at max_batch_size images or after the delay.
         "dynamic_batching {",
         f"  preferred_batch_size: {_list([max_batch])}",
-        f"  max_queue_delay_microseconds: {max_queue_delay_us}",
+        f"  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US}",
         "}",
         # Ready only once warm, as the service's /readyz: the smallest and the largest batch.
         "model_warmup [",

@@ -139,10 +139,6 @@ def list_specs() -> list[ArchSpec]:
     return list(_REGISTRY.values())
 
 
-def build(name: str) -> ResNet:
-    return get_spec(name).build()
-
-
 @functools.cache
 def complexity(spec: ArchSpec) -> tuple[int, int]:
     """(parameters, multiply-accumulates) at the default input size, batch 1.

@@ -41,7 +41,7 @@ def _patch_metadata(directory: Path, **values: Any) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
 
 
-class _Payload:
+class CodeOnUnpickle:
     """Unpickling this would run code: creates the marker file named in its argument."""
 
     def __init__(self, marker: Path) -> None:
@@ -68,7 +68,7 @@ def _mismatched_graph(directory: Path) -> None:
 
 def _pickle(directory: Path) -> None:
     marker = directory / "UNPICKLED"
-    (directory / "model.onnx").write_bytes(pickle.dumps(_Payload(marker)))
+    (directory / "model.onnx").write_bytes(pickle.dumps(CodeOnUnpickle(marker)))
     _drop_hash(directory)
 
 

@@ -31,14 +31,15 @@ def _model(
     classes: int,
     dim: int,
     initializers: list[onnx.TensorProto],
+    batch: int | str = "N",
 ) -> bytes:
     graph = helper.make_graph(
         nodes,
         "reliability",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, crop, crop])],
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, crop, crop])],
         [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
-            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes]),
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [batch, dim]),
         ],
         initializer=initializers,
     )
@@ -60,10 +61,11 @@ def _head(source: str, dim: int, classes: int, rng: np.random.Generator, logits:
     return nodes, [numpy_helper.from_array(weight, "fc_w"), numpy_helper.from_array(bias, "fc_b")]
 
 
-def tiny_graph(crop: int, classes: int, *, seed: int = 0) -> bytes:
-    """Channel means -> linear classifier: microseconds per image."""
+def tiny_graph(crop: int, classes: int, *, seed: int = 0, dynamic: bool = True) -> bytes:
+    """Channel means -> linear classifier: microseconds per image (batch fixed at 1 unless
+    `dynamic`)."""
     nodes, weights = _head("images", 3, classes, np.random.default_rng(seed), "logits")
-    return _model(nodes, crop, classes, 3, weights)
+    return _model(nodes, crop, classes, 3, weights, "N" if dynamic else 1)
 
 
 def conv_graph(crop: int, classes: int, *, layers: int, channels: int = 64, seed: int = 0) -> bytes:

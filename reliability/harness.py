@@ -147,10 +147,15 @@ class Service:
         self._log.close()
 
 
-def encode(pixels: np.ndarray, fmt: str = "PNG", **options: Any) -> bytes:
+def encode_image(image: Image.Image, fmt: str = "PNG", **options: Any) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt, **options)
+    image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def encode(pixels: np.ndarray, fmt: str = "PNG", **options: Any) -> bytes:
+    """uint8 HWC pixels as an encoded image."""
+    return encode_image(Image.fromarray(pixels), fmt, **options)
 
 
 def sample_images(count: int, *, size: int = 64, seed: int = 0) -> list[bytes]:

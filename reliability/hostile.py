@@ -11,7 +11,6 @@ never a 5xx.
 from __future__ import annotations
 
 import functools
-import io
 import struct
 import zlib
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 from PIL import Image
+
+from .harness import encode_image
 
 MODES = {
     "PNG": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"),
@@ -31,7 +32,6 @@ MODES = {
 MEDIA = {"PNG": "png", "JPEG": "jpeg", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff", "WEBP": "webp"}
 # Formats Pillow writes that the service must refuse (400), never hand to a decoder.
 REFUSED = ("ICO", "PCX", "TGA", "PPM", "SGI", "DDS")
-PIXEL_LIMIT = 40_000_000  # the service's default max_image_pixels
 DECODED = (200, 400, 413)  # a body that reached the decoder: decoded, undecodable, or too large
 
 
@@ -51,12 +51,6 @@ class HostileBody:
             f"HostileBody({self.description!r}, {self.content_type!r}, {len(self.body)} bytes "
             f"starting {head!r})"
         )
-
-
-def _encode(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
 
 
 @st.composite
@@ -88,7 +82,7 @@ def images(draw: st.DrawFn) -> tuple[str, bytes]:
         options.update(save_all=True, append_images=frames)
     for attempt, kwargs in ((image, options), (image, {}), (image.convert("RGB"), {})):
         try:
-            return fmt, _encode(attempt, fmt, **kwargs)
+            return fmt, encode_image(attempt, fmt, **kwargs)
         except (OSError, RuntimeError, ValueError, KeyError):  # a combination the encoder lacks
             continue
     raise AssertionError(f"cannot write even RGB as {fmt}")
@@ -117,7 +111,7 @@ def png_bomb(side: int) -> bytes:
 @functools.cache
 def png_chunk_bomb(kind: bytes, megabytes: int) -> bytes:
     """A small valid PNG carrying a zlib bomb (`megabytes` of zeros) in a zTXt or iCCP chunk."""
-    base = _encode(Image.new("RGB", (8, 8), (10, 20, 30)), "PNG")
+    base = encode_image(Image.new("RGB", (8, 8), (10, 20, 30)), "PNG")
     payload = zlib.compress(bytes(megabytes * 2**20), 9)
     data = (b"comment\x00\x00" if kind == b"zTXt" else b"icc\x00\x00") + payload
     return base[:33] + _png_chunk(kind, data) + base[33:]
@@ -192,7 +186,7 @@ def broken_images(draw: st.DrawFn) -> HostileBody:
     elif kind == "claims a huge canvas":
         fmt = draw(st.sampled_from(["PNG", "GIF", "BMP", "JPEG"]))
         mode = "RGB" if fmt in {"JPEG", "BMP", "PNG"} else "P"
-        small = _encode(Image.new(mode, (8, 8)), fmt)
+        small = encode_image(Image.new(mode, (8, 8)), fmt)
         side = draw(st.sampled_from([65_535, 100_000, 2**31 - 1]))
         data, media = claim_size(fmt, small, side, side), f"image/{MEDIA[fmt]}"
     elif kind == "decompression bomb":
@@ -204,7 +198,7 @@ def broken_images(draw: st.DrawFn) -> HostileBody:
     elif kind == "refused format":
         refused = draw(st.sampled_from(REFUSED))
         mode = "L" if refused == "PPM" else "RGB"
-        data = _encode(Image.new(mode, (8, 8)), refused)
+        data = encode_image(Image.new(mode, (8, 8)), refused)
         media = draw(st.sampled_from(["image/png", "image/x-icon", "image/*"]))
     elif kind == "random bytes":
         data = draw(st.binary(min_size=1, max_size=2048))

@@ -3,86 +3,25 @@ real `python -m service` process on a free local port."""
 
 from __future__ import annotations
 
-import io
-import struct
 import subprocess
 import sys
-import zlib
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
-from PIL import Image
+from fastapi.testclient import TestClient
 
-from reliability.graphs import write_entry
+from reliability.graphs import tiny_graph, write_entry
+from service.batcher import Batcher
+from service.metrics import Metrics
 
 from .conftest import ROOT
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def image_bytes(image: Image.Image, fmt: str, **options: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def decompression_bomb_png(side: int = 20_000) -> bytes:
-    """A valid PNG of side x side 1-bit pixels (all zero): a few tens of kB that decode to
-    side^2 pixels, 400 million (1.2 GB as RGB) by default."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    compressor = zlib.compressobj(9)
-    row = b"\x00" * (1 + (side + 7) // 8)
-    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    )
-
-
 def multipart(blobs: Sequence[bytes], content_type: str = "image/png") -> list[Any]:
     return [("file", (f"{i}.png", blob, content_type)) for i, blob in enumerate(blobs)]
-
-
-def tiny_graph(num_classes: int, crop: int, *, dynamic: bool = True, seed: int = 0) -> bytes:
-    """images [N,3,crop,crop] -> embedding = channel means [N,3], logits = Gemm [N,classes]."""
-    rng = np.random.default_rng(seed)
-    weight = rng.normal(size=(num_classes, 3)).astype(np.float32)
-    bias = rng.normal(size=(num_classes,)).astype(np.float32)
-    batch: int | str = "N" if dynamic else 1
-    graph = helper.make_graph(
-        [
-            helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
-            helper.make_node("Flatten", ["pooled"], ["embedding"], axis=1),
-            helper.make_node("Gemm", ["embedding", "weight", "bias"], ["logits"], transB=1),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, crop, crop])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, num_classes]),
-            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [batch, 3]),
-        ],
-        initializer=[
-            numpy_helper.from_array(weight, "weight"),
-            numpy_helper.from_array(bias, "bias"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
 
 
 def write_tiny_model(
@@ -97,7 +36,7 @@ def write_tiny_model(
     **overrides: Any,
 ) -> Path:
     """A complete repository version (docs/repository.md) around `tiny_graph`."""
-    graph = tiny_graph(num_classes, crop, dynamic=dynamic)
+    graph = tiny_graph(crop, num_classes, dynamic=dynamic)
     return write_entry(
         repo,
         name,
@@ -122,3 +61,35 @@ def export(arch: str, weights: str, repo: Path, *extra: str) -> None:
     )
     if result.returncode != 0:
         raise RuntimeError(f"export {arch} failed: {result.stderr or result.stdout}")
+
+
+def service_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m service ARGS` expected to exit on its own (bad settings or repository)."""
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def make_batcher(infer: Callable[[np.ndarray], Any], **options: Any) -> Batcher:
+    """A Batcher for model "m" with small limits; `options` override them."""
+    values: dict[str, Any] = {
+        "max_batch_size": 4,
+        "max_delay_ms": 20,
+        "max_queue_images": 16,
+        "retry_after_s": 3,
+        "metrics": Metrics(),
+    }
+    values.update(options)
+    return Batcher("m", infer, **values)
+
+
+def wait_ready(client: TestClient, deadline_s: float = 30.0) -> None:
+    """Until the in-process app's /readyz answers 200, at most `deadline_s`."""
+    deadline = time.monotonic() + deadline_s
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/readyz").json()
+        time.sleep(0.01)

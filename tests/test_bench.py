@@ -90,8 +90,6 @@ def test_engine_mode_writes_complete_rows(engine_out: Path) -> None:
 def test_http_mode_against_the_real_service(
     repository: Path, images: Path, engine_out: Path, client: str
 ) -> None:
-    if not (ROOT / "service" / "__main__.py").exists():
-        pytest.skip("service/__main__.py does not exist yet: nothing to load over HTTP")
     argv = ["http", "--start-service", "--repository", str(repository), "--images", str(images)]
     argv += ["--concurrency", "1,3", "--requests", "6", "--images-per-request", "2"]
     argv += ["--rate", "30", "--warmup-requests", "2", "--duration-s", "30", "--timeout-s", "30"]

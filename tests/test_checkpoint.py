@@ -4,7 +4,6 @@ every known format loads strictly; every mismatch is named; files load with weig
 from __future__ import annotations
 
 import dataclasses
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -93,19 +92,6 @@ def test_truncated_and_missing_files(tmp_path: Path, resnet20_checkpoint: Path) 
         read_state_dict(truncated)
     with pytest.raises(CheckpointError, match="does not exist"):
         read_state_dict(tmp_path / "nope.pth")
-
-
-class _Payload:
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (print, ("this must never run",))
-
-
-def test_pickled_code_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "evil.pth"
-    with open(path, "wb") as f:
-        pickle.dump({"state_dict": _Payload()}, f, protocol=2)
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        read_state_dict(path)
 
 
 def test_non_tensor_entries_are_refused(tmp_path: Path) -> None:

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-from reliability.harness import Service as ServiceProcess
+from reliability.harness import Service
 from service.api import create_app
 from service.settings import Settings
 
@@ -47,12 +46,12 @@ def samples() -> list[bytes]:
 @pytest.fixture(scope="module")
 def server(
     tmp_path_factory: pytest.TempPathFactory, resnet20_checkpoint: Path, samples: list[bytes]
-) -> Iterator[ServiceProcess]:
+) -> Iterator[Service]:
     """The exported checkpoint, served (`samples` first: without them, skip before exporting)."""
     repo = tmp_path_factory.mktemp("repo")
     export(MODEL, str(resnet20_checkpoint), repo)
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with ServiceProcess(repo, log, "--max-delay-ms=5", "--intra-op-threads=1") as service:
+    with Service(repo, log, "--max-delay-ms=5", "--intra-op-threads=1") as service:
         service.wait_ready()
         yield service
         assert service.terminate() == 0, service.log()
@@ -60,14 +59,14 @@ def server(
 
 
 @pytest.fixture(scope="module")
-def client(server: ServiceProcess) -> Iterator[Any]:
+def client(server: Service) -> Iterator[Any]:
     triton = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
     yield triton
     triton.close()
 
 
 @pytest.fixture(scope="module")
-def ours(server: ServiceProcess, samples: list[bytes]) -> dict[str, Any]:
+def ours(server: Service, samples: list[bytes]) -> dict[str, Any]:
     """/classify (every class, so that all scores are known) and /embed on the samples."""
     files = multipart(samples)
     classify = httpx.post(f"{server.url}/classify?top_k=10", files=files, timeout=60)
@@ -115,16 +114,6 @@ def outputs(*, binary: bool, class_count: int = 0) -> list[Any]:
     ]
 
 
-def metric(server: ServiceProcess, name: str, **labels: str) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
-
-
 def test_health_and_metadata(client: Any) -> None:
     assert client.is_server_live()
     assert client.is_server_ready()
@@ -157,10 +146,10 @@ def test_health_and_metadata(client: Any) -> None:
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_preprocessed_tensor_gives_the_numbers_of_classify_and_embed(
-    client: Any, server: ServiceProcess, samples: list[bytes], ours: dict[str, Any], binary: bool
+    client: Any, server: Service, samples: list[bytes], ours: dict[str, Any], binary: bool
 ) -> None:
     images = preprocessed(samples)
-    batches = metric(server, "resnet_serve_batch_size_images_sum", model=MODEL)
+    batches = server.metric("resnet_serve_batch_size_images_sum", model=MODEL)
     result = client.infer(
         MODEL, [tensor_input(images, binary=binary)], outputs=outputs(binary=binary)
     )
@@ -171,9 +160,9 @@ def test_preprocessed_tensor_gives_the_numbers_of_classify_and_embed(
     np.testing.assert_allclose(softmax(logits), ours["scores"], rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(embeddings, ours["embeddings"], rtol=0, atol=TOLERANCE)
     # The tensor went through the model's batcher, like decoded images do.
-    after = metric(server, "resnet_serve_batch_size_images_sum", model=MODEL)
+    after = server.metric("resnet_serve_batch_size_images_sum", model=MODEL)
     assert after - batches == len(samples)
-    assert metric(server, "resnet_serve_requests_total", endpoint="v2_infer", status="200") >= 1
+    assert server.metric("resnet_serve_requests_total", endpoint="v2_infer", status="200") >= 1
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])

@@ -17,10 +17,10 @@ from reliability.graphs import write_conv, write_tiny
 from reliability.harness import Service, sample_images, solid
 from reliability.load import Target, overload, soak
 from service.api import create_app
-from service.batcher import Batcher
 from service.errors import QueueFullError
-from service.metrics import Metrics
 from service.settings import Settings
+
+from .service_helpers import make_batcher, wait_ready
 
 QUEUE, BATCH = 32, 16
 
@@ -72,8 +72,7 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
         model_repository=tmp_path, max_queue_images=8, max_batch_size=8, max_images_per_request=8
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        while client.get("/readyz").status_code != 200:
-            pass
+        wait_ready(client)
         yield client
 
 
@@ -97,15 +96,7 @@ def _png() -> dict[str, str]:
 
 def test_reserved_room_counts_against_the_queue_until_released() -> None:
     async def main() -> None:
-        batcher = Batcher(
-            "m",
-            lambda batch: [batch],
-            max_batch_size=4,
-            max_delay_ms=1,
-            max_queue_images=4,
-            retry_after_s=2,
-            metrics=Metrics(),
-        )
+        batcher = make_batcher(lambda batch: [batch], max_delay_ms=1, max_queue_images=4)
         batcher.start()
         batcher.reserve(3)
         with pytest.raises(QueueFullError):
@@ -127,15 +118,7 @@ def test_images_of_a_request_that_gave_up_leave_the_forming_batch() -> None:
         return [batch]
 
     async def main() -> None:
-        batcher = Batcher(
-            "m",
-            infer,
-            max_batch_size=8,
-            max_delay_ms=300,
-            max_queue_images=8,
-            retry_after_s=1,
-            metrics=Metrics(),
-        )
+        batcher = make_batcher(infer, max_batch_size=8, max_delay_ms=300, max_queue_images=8)
         batcher.start()
         gone = asyncio.create_task(batcher.submit(np.full((2, 1), 7, dtype=np.float32)))
         await asyncio.sleep(0.05)  # both images are in the batch being formed now

@@ -6,10 +6,13 @@ stopping start-up is in test_reliability_faults.py; model names from URLs in _fu
 from __future__ import annotations
 
 import ast
+import pickle
 from pathlib import Path
 
 import pytest
 import yaml
+
+from reliability.faults import CodeOnUnpickle
 
 from .conftest import ROOT
 
@@ -61,21 +64,18 @@ def test_every_load_refuses_pickles(package: str) -> None:
         assert name.split(".")[0] not in UNPICKLERS, (path, call.lineno, name)
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (Path.touch, (self.marker,))
-
-
-def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path, writer: str) -> None:
     torch = pytest.importorskip("torch")
     from models.checkpoint import CheckpointError, read_state_dict
 
     marker = tmp_path / "pwned"
     checkpoint = tmp_path / "evil.pth"
-    torch.save({"fc.weight": torch.zeros(2, 2), "payload": _Payload(marker)}, checkpoint)
+    content = {"fc.weight": torch.zeros(2, 2), "payload": CodeOnUnpickle(marker)}
+    if writer == "torch.save":
+        torch.save(content, checkpoint)
+    else:
+        checkpoint.write_bytes(pickle.dumps({"state_dict": content}, protocol=2))
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         read_state_dict(checkpoint)
     assert not marker.exists()

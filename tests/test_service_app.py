@@ -20,17 +20,19 @@ import pytest
 from fastapi.testclient import TestClient
 
 from models.preprocessing import Preprocessing
+from reliability.harness import encode
+from reliability.hostile import png_bomb
 from service.api import create_app
 from service.engine import Engine
 from service.settings import Settings
 
-from .service_helpers import decompression_bomb_png, multipart, png_bytes, write_tiny_model
+from .service_helpers import multipart, wait_ready, write_tiny_model
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
 
 def solid(colour: tuple[int, int, int], size: int = 8) -> bytes:
-    return png_bytes(np.full((size, size, 3), colour, dtype=np.uint8))
+    return encode(np.full((size, size, 3), colour, dtype=np.uint8))
 
 
 def expected_embedding(colour: tuple[int, int, int]) -> np.ndarray:
@@ -43,13 +45,6 @@ def repo(tmp_path: Path) -> Path:
     write_tiny_model(tmp_path, "tiny", num_classes=4)
     write_tiny_model(tmp_path, "other", num_classes=3)
     return tmp_path
-
-
-def wait_ready(client: TestClient, deadline_s: float = 30.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json()
-        time.sleep(0.01)
 
 
 def started(repo: Path, **values: Any) -> Iterator[TestClient]:
@@ -171,7 +166,7 @@ def _too_many() -> dict[str, Any]:
         ("post", "/classify", _too_many(), 413, "too_many_images"),
         ("post", "/classify", {"content": bytes(30_000), "headers": {"content-type": "image/png"}},
          413, "request_too_large"),
-        ("post", "/classify", {"content": decompression_bomb_png(8_000), "headers": {
+        ("post", "/classify", {"content": png_bomb(8_000), "headers": {
             "content-type": "image/png"}}, 413, "image_too_large"),
         ("post", "/classify", {"content": b"hello", "headers": {"content-type": "text/plain"}},
          415, "unsupported_media_type"),

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batcher import Batcher
 from service.errors import InferenceError, NotReadyError, QueueFullError
 from service.metrics import Metrics
+
+from .service_helpers import make_batcher
 
 
 class Recorder:
@@ -30,12 +31,6 @@ class Recorder:
         return [batch * 2, batch[:, :1]]
 
 
-def make(infer: Callable[[np.ndarray], Any], **kwargs: Any) -> Batcher:
-    options = {"max_batch_size": 4, "max_delay_ms": 20, "max_queue_images": 16, "retry_after_s": 3}
-    options.update(kwargs)
-    return Batcher("m", infer, metrics=Metrics(), **options)
-
-
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(main())
 
@@ -48,7 +43,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
     infer = Recorder()
 
     async def main() -> None:
-        batcher = make(infer)
+        batcher = make_batcher(infer)
         batcher.start()
         results = await asyncio.gather(*(batcher.submit(images(i)) for i in range(8)))
         await batcher.stop()
@@ -66,7 +61,7 @@ def test_a_request_larger_than_a_batch_keeps_its_order() -> None:
     infer = Recorder()
 
     async def main() -> None:
-        batcher = make(infer)
+        batcher = make_batcher(infer)
         batcher.start()
         values = list(range(10))
         result = await batcher.submit(images(*values))
@@ -79,7 +74,7 @@ def test_a_request_larger_than_a_batch_keeps_its_order() -> None:
 
 def test_a_lone_image_waits_at_most_the_delay() -> None:
     async def main() -> None:
-        batcher = make(Recorder(), max_delay_ms=50)
+        batcher = make_batcher(Recorder(), max_delay_ms=50)
         batcher.start()
         start = time.monotonic()
         await batcher.submit(images(1))
@@ -92,7 +87,7 @@ def test_a_lone_image_waits_at_most_the_delay() -> None:
 
 def test_full_queue_refuses_the_whole_request_with_retry_after() -> None:
     async def main() -> None:
-        batcher = make(Recorder(), max_queue_images=6, max_batch_size=4, max_delay_ms=200)
+        batcher = make_batcher(Recorder(), max_queue_images=6, max_batch_size=4, max_delay_ms=200)
         batcher.start()
         first = asyncio.create_task(batcher.submit(images(0, 1, 2)))
         await asyncio.sleep(0.05)  # in the forming batch, which waits for its deadline
@@ -109,7 +104,7 @@ def test_full_queue_refuses_the_whole_request_with_retry_after() -> None:
 
 def test_an_inference_error_fails_every_request_of_the_batch() -> None:
     async def main() -> None:
-        batcher = make(Recorder(fail=RuntimeError("device lost")))
+        batcher = make_batcher(Recorder(fail=RuntimeError("device lost")))
         batcher.start()
         results = await asyncio.gather(
             *(batcher.submit(images(i)) for i in range(3)), return_exceptions=True
@@ -124,7 +119,7 @@ def test_an_inference_error_fails_every_request_of_the_batch() -> None:
 
 def test_one_output_per_input_is_checked() -> None:
     async def main() -> None:
-        batcher = make(lambda batch: [batch[:1]])
+        batcher = make_batcher(lambda batch: [batch[:1]])
         batcher.start()
         with pytest.raises(InferenceError, match="outputs of sizes"):
             await batcher.submit(images(1, 2))
@@ -137,7 +132,7 @@ def test_abandoned_images_are_skipped() -> None:
     infer = Recorder(delay_s=0.1)
 
     async def main() -> None:
-        batcher = make(infer, max_batch_size=1)
+        batcher = make_batcher(infer, max_batch_size=1)
         batcher.start()
         busy = asyncio.create_task(batcher.submit(images(0)))
         await asyncio.sleep(0.02)  # the first batch is running
@@ -155,7 +150,7 @@ def test_stop_finishes_queued_images_then_refuses_new_ones() -> None:
     infer = Recorder(delay_s=0.05)
 
     async def main() -> None:
-        batcher = make(infer, max_batch_size=2)
+        batcher = make_batcher(infer, max_batch_size=2)
         batcher.start()
         pending = [asyncio.create_task(batcher.submit(images(i))) for i in range(5)]
         await asyncio.sleep(0)
@@ -179,7 +174,7 @@ def test_batches_never_mix_models() -> None:
         return infer
 
     async def main() -> None:
-        a, b = make(infer_for("a")), make(infer_for("b"))
+        a, b = make_batcher(infer_for("a")), make_batcher(infer_for("b"))
         a.start()
         b.start()
         jobs = [a.submit(images(1, 1)) for _ in range(5)] + [b.submit(images(2)) for _ in range(5)]
@@ -195,15 +190,7 @@ def test_metrics_record_batches_and_queue() -> None:
     metrics = Metrics()
 
     async def main() -> None:
-        batcher = Batcher(
-            "m",
-            Recorder(),
-            max_batch_size=4,
-            max_delay_ms=20,
-            max_queue_images=16,
-            retry_after_s=1,
-            metrics=metrics,
-        )
+        batcher = make_batcher(Recorder(), metrics=metrics)
         batcher.start()
         await asyncio.gather(*(batcher.submit(images(i)) for i in range(4)))
         await batcher.stop()

@@ -7,8 +7,6 @@ import asyncio
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,19 +19,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image, ImageOps
-from prometheus_client.parser import text_string_to_metric_families
 
-from reliability.harness import Service as ServiceProcess
+from reliability.harness import Service, encode, encode_image
+from reliability.hostile import png_bomb
 
-from .conftest import CIFAR_CHECKPOINT_FILES, PHOTOS, ROOT, normalize_cifar, require
-from .service_helpers import (
-    decompression_bomb_png,
-    export,
-    image_bytes,
-    multipart,
-    png_bytes,
-    write_tiny_model,
-)
+from .conftest import CIFAR_CHECKPOINT_FILES, PHOTOS, normalize_cifar, require
+from .service_helpers import export, multipart, service_cli, write_tiny_model
 
 MAX_REQUEST_BYTES = 8 * 2**20
 CONTENT_TYPES = {".jpg": "image/jpeg", ".png": "image/png"}
@@ -64,9 +55,9 @@ def slow_repo(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with ServiceProcess(
+    with Service(
         repo,
         log,
         "--default-model=cifar10",
@@ -82,7 +73,7 @@ def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
 
 @pytest.fixture(scope="module")
 def cifar_pngs(cifar_test_set: tuple[np.ndarray, np.ndarray]) -> list[bytes]:
-    return [png_bytes(image) for image in cifar_test_set[0]]
+    return [encode(image) for image in cifar_test_set[0]]
 
 
 def post_all(url: str, bodies: list[list[bytes]], concurrency: int) -> list[httpx.Response]:
@@ -103,7 +94,7 @@ def post_all(url: str, bodies: list[list[bytes]], concurrency: int) -> list[http
 
 
 def test_resnet20_classifies_the_cifar10_test_images_with_pytorch_accuracy(
-    server: ServiceProcess, cifar_pngs: list[bytes], cifar_test_set: tuple[np.ndarray, np.ndarray]
+    server: Service, cifar_pngs: list[bytes], cifar_test_set: tuple[np.ndarray, np.ndarray]
 ) -> None:
     labels = cifar_test_set[1]
     chunks = [cifar_pngs[i : i + 25] for i in range(0, len(cifar_pngs), 25)]
@@ -116,7 +107,7 @@ def test_resnet20_classifies_the_cifar10_test_images_with_pytorch_accuracy(
 
 
 def test_embeddings_equal_the_exported_graph(
-    server: ServiceProcess,
+    server: Service,
     repo: Path,
     cifar_pngs: list[bytes],
     cifar_test_set: tuple[np.ndarray, np.ndarray],
@@ -134,17 +125,11 @@ def test_embeddings_equal_the_exported_graph(
     np.testing.assert_allclose(served, expected[0], atol=1e-4, rtol=0)
 
 
-def _metric(server: ServiceProcess, name: str, labels: dict[str, str]) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise KeyError(name)
+SINGLES = "resnet_serve_batch_size_images_bucket"  # with le="1.0": batches of one image
 
 
 def test_concurrent_results_equal_sequential_ones_and_batches_form(
-    server: ServiceProcess, cifar_pngs: list[bytes]
+    server: Service, cifar_pngs: list[bytes]
 ) -> None:
     images = cifar_pngs[:64]
     url = f"{server.url}/classify?model=cifar10&top_k=10"
@@ -162,10 +147,8 @@ def test_concurrent_results_equal_sequential_ones_and_batches_form(
             client.post(f"{server.url}/embed", files=multipart([b])).json()["embeddings"][0]
             for b in images
         ]
-    batches_before = _metric(server, "resnet_serve_batch_size_images_count", {"model": "cifar10"})
-    singles_before = _metric(
-        server, "resnet_serve_batch_size_images_bucket", {"model": "cifar10", "le": "1.0"}
-    )
+    batches_before = server.metric("resnet_serve_batch_size_images_count", model="cifar10")
+    singles_before = server.metric(SINGLES, model="cifar10", le="1.0")
 
     concurrent = [log_probabilities(r) for r in post_all(url, [[b] for b in images], 64)]
     embed_responses = post_all(f"{server.url}/embed", [[b] for b in images], 64)
@@ -173,15 +156,13 @@ def test_concurrent_results_equal_sequential_ones_and_batches_form(
 
     assert np.abs(np.array(concurrent) - np.array(sequential)).max() <= 1e-4
     assert np.abs(np.array(concurrent_embeddings) - np.array(sequential_embeddings)).max() <= 1e-4
-    batches = _metric(server, "resnet_serve_batch_size_images_count", {"model": "cifar10"})
-    singles = _metric(
-        server, "resnet_serve_batch_size_images_bucket", {"model": "cifar10", "le": "1.0"}
-    )
+    batches = server.metric("resnet_serve_batch_size_images_count", model="cifar10")
+    singles = server.metric(SINGLES, model="cifar10", le="1.0")
     assert batches - batches_before > singles - singles_before  # some batches held > 1 image
     assert batches - batches_before < 128  # 128 images in fewer batches
 
 
-def test_every_photo_is_accepted_by_an_imagenet_model(server: ServiceProcess) -> None:
+def test_every_photo_is_accepted_by_an_imagenet_model(server: Service) -> None:
     photos = sorted(p for p in PHOTOS.iterdir() if p.suffix in CONTENT_TYPES)
     assert len(photos) >= 21
     url = f"{server.url}/classify?model=resnet18&top_k=5"
@@ -199,7 +180,7 @@ def test_every_photo_is_accepted_by_an_imagenet_model(server: ServiceProcess) ->
         assert [p[0]["index"] for p in together.json()["predictions"]] == single
 
 
-def test_exif_orientation_is_applied_over_http(server: ServiceProcess) -> None:
+def test_exif_orientation_is_applied_over_http(server: Service) -> None:
     photo = PHOTOS / "n02951585_can_opener.jpg"  # EXIF Orientation 6
     stored = Image.open(photo)
     upright = ImageOps.exif_transpose(stored)
@@ -212,8 +193,8 @@ def test_exif_orientation_is_applied_over_http(server: ServiceProcess) -> None:
             return np.array(response.json()["embeddings"][0])
 
         served = embed(photo.read_bytes(), "image/jpeg")
-        as_displayed = embed(image_bytes(upright, "PNG"), "image/png")
-        as_stored = embed(image_bytes(stored.convert("RGB"), "PNG"), "image/png")
+        as_displayed = embed(encode_image(upright, "PNG"), "image/png")
+        as_stored = embed(encode_image(stored.convert("RGB"), "PNG"), "image/png")
     np.testing.assert_allclose(served, as_displayed, atol=1e-4)
     assert np.abs(served - as_stored).max() > 100 * np.abs(served - as_displayed).max()
 
@@ -229,7 +210,7 @@ def test_exif_orientation_is_applied_over_http(server: ServiceProcess) -> None:
          415, "unsupported_media_type"),
         ("empty body", {"content": b"", "headers": {"content-type": "image/png"}},
          400, "empty_request"),
-        ("decompression bomb", {"content": decompression_bomb_png(),
+        ("decompression bomb", {"content": png_bomb(20_000),
                                 "headers": {"content-type": "image/png"}}, 413, "image_too_large"),
         ("too many images", {"files": multipart([b"x"] * 65)}, 413, "too_many_images"),
         ("body too large", {"content": bytes(MAX_REQUEST_BYTES + 1),
@@ -241,7 +222,7 @@ def test_exif_orientation_is_applied_over_http(server: ServiceProcess) -> None:
     ],
 )  # fmt: skip
 def test_bad_requests_get_their_documented_error_and_the_server_stays_healthy(
-    server: ServiceProcess,
+    server: Service,
     cifar_pngs: list[bytes],
     name: str,
     request_kwargs: dict[str, Any],
@@ -259,7 +240,7 @@ def test_bad_requests_get_their_documented_error_and_the_server_stays_healthy(
         assert healthy.status_code == 200
 
 
-def test_models_show_the_provider_in_use(server: ServiceProcess) -> None:
+def test_models_show_the_provider_in_use(server: Service) -> None:
     models = {m["name"]: m for m in httpx.get(f"{server.url}/models").json()["models"]}
     assert set(models) == {"cifar10", "resnet18"}
     for model in models.values():
@@ -275,7 +256,7 @@ def test_models_show_the_provider_in_use(server: ServiceProcess) -> None:
 def test_readyz_is_503_until_every_model_is_loaded_and_warmed(
     slow_repo: Path, tmp_path: Path, cifar_pngs: list[bytes]
 ) -> None:
-    with ServiceProcess(slow_repo, tmp_path / "server.log", "--max-delay-ms=5") as service:
+    with Service(slow_repo, tmp_path / "server.log", "--max-delay-ms=5") as service:
         service.wait_listening()
         seen: list[int] = []
         refused_while_loading = 0
@@ -303,7 +284,7 @@ def test_readyz_is_503_until_every_model_is_loaded_and_warmed(
 
 
 def test_sigterm_while_loading_exits_cleanly(slow_repo: Path, tmp_path: Path) -> None:
-    with ServiceProcess(slow_repo, tmp_path / "server.log") as service:
+    with Service(slow_repo, tmp_path / "server.log") as service:
         service.wait_listening()
         assert httpx.get(f"{service.url}/readyz").status_code == 503
         assert service.terminate(timeout_s=30) == 0, service.log()
@@ -316,7 +297,7 @@ def test_sigterm_finishes_every_accepted_request(
     """Timeline: 8 images wait 2.5 s for their batch; SIGTERM; /readyz turns 503 while requests
     are still accepted for the 0.5 s drain delay; the listener closes; then the batch runs and
     every accepted request is answered before the process exits 0."""
-    with ServiceProcess(
+    with Service(
         repo,
         tmp_path / "server.log",
         "--default-model=cifar10",
@@ -334,10 +315,9 @@ def test_sigterm_finishes_every_accepted_request(
             return httpx.post(url, files=multipart(blobs), timeout=30)
 
         accepted = [pool.submit(post, cifar_pngs[:8])]
-        deadline = time.monotonic() + 10
-        while _metric(service, "resnet_serve_queue_depth_images", {"model": "cifar10"}) < 8:
-            assert time.monotonic() < deadline, service.log()
-            time.sleep(0.01)
+        service.wait_metric(
+            "resnet_serve_queue_depth_images", lambda depth: depth >= 8, 10, model="cifar10"
+        )
         refused = post(cifar_pngs[8:16])  # 8 more do not fit in 12
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "queue_full"
@@ -371,7 +351,7 @@ def test_a_model_that_cannot_load_stops_the_service(tmp_path: Path) -> None:
     metadata = json.loads((directory / "metadata.json").read_text())
     del metadata["model_sha256"]
     (directory / "metadata.json").write_text(json.dumps(metadata))
-    with ServiceProcess(tmp_path / "repo", tmp_path / "server.log") as service:
+    with Service(tmp_path / "repo", tmp_path / "server.log") as service:
         assert service.process.wait(60) == 1
         assert "model broken failed to load" in service.log()
 
@@ -381,19 +361,13 @@ def test_a_model_that_cannot_load_stops_the_service(tmp_path: Path) -> None:
 )
 def test_requiring_cuda_without_it_fails_start_up(tmp_path: Path) -> None:
     write_tiny_model(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "--model-repository", str(tmp_path), "--require-cuda"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = service_cli("--model-repository", str(tmp_path), "--require-cuda")
     assert result.returncode == 2
     assert "CUDA is required" in result.stderr
 
 
 def test_requests_in_parallel_threads_do_not_interfere(
-    server: ServiceProcess, cifar_pngs: list[bytes]
+    server: Service, cifar_pngs: list[bytes]
 ) -> None:
     """Mixed models and endpoints at once: every answer matches its own request."""
     barrier = threading.Barrier(8)

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from service.batcher import Batcher
 from service.cpu_gate import CpuGate
-from service.metrics import Metrics
+
+from .service_helpers import make_batcher
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -130,10 +130,7 @@ def test_images_queued_while_a_batch_waited_for_its_turn_join_it() -> None:
 
     async def main() -> None:
         gate, log = CpuGate(), []
-        batcher = Batcher(
-            "m", infer, max_batch_size=4, max_delay_ms=1, max_queue_images=16,
-            retry_after_s=1, metrics=Metrics(), gate=gate,
-        )  # fmt: skip
+        batcher = make_batcher(infer, max_delay_ms=1, gate=gate)
         batcher.start()
         decoding = Holder(gate, "decode", log, "decode")
         await decoding.inside.wait()

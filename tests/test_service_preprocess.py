@@ -10,11 +10,12 @@ import pytest
 from PIL import Image
 
 from models.preprocessing import CIFAR, IMAGENET, Preprocessing
+from reliability.harness import encode, encode_image
+from reliability.hostile import png_bomb
 from service.errors import ImageTooLargeError, InvalidImageError
 from service.preprocess import decode, normalize_into, preprocess_into, resize_and_crop
 
 from .conftest import PHOTOS, normalize_cifar, require
-from .service_helpers import decompression_bomb_png, image_bytes, png_bytes
 
 MAX_PIXELS = 40_000_000
 
@@ -35,7 +36,7 @@ def two_colour_image(width: int, height: int) -> Image.Image:
 
 def test_cifar_png_gives_exactly_the_training_input() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
-    out = preprocess(png_bytes(pixels), CIFAR)
+    out = preprocess(encode(pixels), CIFAR)
     np.testing.assert_allclose(out, normalize_cifar(pixels[None])[0], atol=1e-6)
 
 
@@ -62,7 +63,7 @@ def test_center_crop_keeps_the_center() -> None:
 def test_exif_orientation_is_applied() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
-    data = image_bytes(two_colour_image(64, 32), "JPEG", quality=95, exif=exif)
+    data = encode_image(two_colour_image(64, 32), "JPEG", quality=95, exif=exif)
     image = decode(data, min_shorter_side=32, max_pixels=MAX_PIXELS)
     assert image.size == (32, 64)
     pixels = np.asarray(image).astype(int)
@@ -74,13 +75,13 @@ def test_exif_orientation_is_applied() -> None:
 def test_every_mode_becomes_rgb(mode: str) -> None:
     image = two_colour_image(40, 40).convert(mode)
     fmt = "JPEG" if mode == "CMYK" else "PNG"
-    decoded = decode(image_bytes(image, fmt), min_shorter_side=8, max_pixels=MAX_PIXELS)
+    decoded = decode(encode_image(image, fmt), min_shorter_side=8, max_pixels=MAX_PIXELS)
     assert decoded.mode == "RGB"
-    assert preprocess(image_bytes(image, fmt), CIFAR).shape == (3, 32, 32)
+    assert preprocess(encode_image(image, fmt), CIFAR).shape == (3, 32, 32)
 
 
 def test_grayscale_gives_three_equal_channels() -> None:
-    data = image_bytes(Image.linear_gradient("L").resize((64, 64)), "PNG")
+    data = encode_image(Image.linear_gradient("L").resize((64, 64)), "PNG")
     out = preprocess(data, CIFAR)
     std = np.asarray(CIFAR.std)[:, None, None]
     mean = np.asarray(CIFAR.mean)[:, None, None]
@@ -92,7 +93,7 @@ def test_grayscale_gives_three_equal_channels() -> None:
 def test_alpha_is_dropped_keeping_the_stored_colour() -> None:
     pixels = np.zeros((32, 32, 4), dtype=np.uint8)
     pixels[..., 1] = 180  # green everywhere, fully transparent
-    data = png_bytes(pixels)
+    data = encode(pixels)
     out = preprocess(data, CIFAR)
     np.testing.assert_allclose(out, normalize_cifar(pixels[None, ..., :3])[0], atol=1e-6)
 
@@ -100,7 +101,7 @@ def test_alpha_is_dropped_keeping_the_stored_colour() -> None:
 def test_sixteen_bit_images_keep_their_range() -> None:
     pixels = np.full((32, 32), 40000, dtype=np.uint16)
     decoded = decode(
-        image_bytes(Image.fromarray(pixels), "PNG"), min_shorter_side=8, max_pixels=10**6
+        encode_image(Image.fromarray(pixels), "PNG"), min_shorter_side=8, max_pixels=10**6
     )
     assert np.asarray(decoded)[0, 0].tolist() == [40000 >> 8] * 3
 
@@ -119,7 +120,7 @@ def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_result() -> None:
 
 
 def test_small_jpeg_is_decoded_in_full() -> None:
-    data = image_bytes(two_colour_image(300, 260), "JPEG")
+    data = encode_image(two_colour_image(300, 260), "JPEG")
     assert decode(data, min_shorter_side=256, max_pixels=MAX_PIXELS).size == (300, 260)
 
 
@@ -134,11 +135,11 @@ def test_first_frame_of_an_animation() -> None:
 @pytest.mark.parametrize("side", [8_000, 20_000])  # over our limit; over Pillow's own
 def test_decompression_bombs_are_refused_before_decoding(side: int) -> None:
     with pytest.raises(ImageTooLargeError):
-        preprocess(decompression_bomb_png(side))
+        preprocess(png_bomb(side))
 
 
 def test_pixel_limit_is_configurable() -> None:
-    data = png_bytes(np.zeros((100, 100, 3), dtype=np.uint8))
+    data = encode(np.zeros((100, 100, 3), dtype=np.uint8))
     with pytest.raises(ImageTooLargeError, match="10000 pixels; the limit is 9999"):
         decode(data, min_shorter_side=8, max_pixels=9_999)
 
@@ -149,8 +150,8 @@ def test_pixel_limit_is_configurable() -> None:
         b"",
         b"hello, this is text and not an image",
         b"\xff\xd8\xff\xe0" + bytes(100),  # a JPEG signature, then garbage
-        image_bytes(Image.new("RGB", (64, 64)), "JPEG")[:300],  # truncated
-        image_bytes(Image.new("RGB", (64, 64)), "ICO"),  # a format we do not accept
+        encode_image(Image.new("RGB", (64, 64)), "JPEG")[:300],  # truncated
+        encode_image(Image.new("RGB", (64, 64)), "ICO"),  # a format we do not accept
     ],
     ids=["empty", "text", "corrupt", "truncated", "ico"],
 )

@@ -13,6 +13,7 @@ from service.__main__ import build_parser, parse_settings
 from service.settings import CPU, CUDA, Settings
 
 from .conftest import ROOT
+from .service_helpers import service_cli
 
 
 @pytest.fixture(autouse=True)
@@ -102,25 +103,13 @@ def test_missing_repository_is_refused(tmp_path: Path) -> None:
 
 
 def test_cli_reports_bad_settings_in_one_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "--model-repository", str(tmp_path), "--port", "x"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = service_cli("--model-repository", str(tmp_path), "--port", "x")
     assert result.returncode == 2
     assert "port: Input should be a valid integer" in result.stderr
 
 
 def test_cli_refuses_an_empty_repository(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "--model-repository", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = service_cli("--model-repository", str(tmp_path))
     assert result.returncode == 2
     assert "holds no models" in result.stderr
 
