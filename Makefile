@@ -7,7 +7,7 @@ WEIGHTS ?= weights
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve export test lint bench reliability clean
+.PHONY: venv serve export test lint bench bench-ablations reliability clean
 
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,7 @@ PHOTOS ?= ../shared/data/photos
 PERF := bench-results/perf-repo
 bench: venv
 	$(BIN)/python -m bench engine --compare-torch --weights-dir $(WEIGHTS) --out bench-results
+	cp bench-results/latency_vs_depth.png docs/latency_vs_depth.png
 	$(BIN)/python -m export resnet50 --weights random:0 --out $(PERF) --skip-existing
 	$(BIN)/python -m export resnet50 --weights random:0 --out $(PERF) --skip-existing \
 		--precision bf16 --gate-images $(PHOTOS)
@@ -50,6 +51,21 @@ bench: venv
 			--images $(PHOTOS) --concurrency 1,8,32 --requests 600 --out bench-results/$$m \
 		|| exit 1; \
 	done
+
+# ResNet-50 fp32, one setting changed at a time (README "ResNet-50 over HTTP", ~4 min): each
+# directory holds batch 1 in process and concurrency 32 over HTTP; `default` runs three times.
+ABLATE = $(BIN)/python -m bench engine --repository $(PERF) --models resnet50 --batch-sizes 1 \
+	--out bench-results/ablations/$(1) $(2) && \
+	$(3) $(BIN)/python -m bench http --start-service --repository $(PERF) --model resnet50 \
+	--images $(PHOTOS) --concurrency 32 --requests 600 --out bench-results/ablations/$(1) $(4)
+bench-ablations: venv
+	$(BIN)/python -m export resnet50 --weights random:0 --out $(PERF) --skip-existing
+	$(call ABLATE,default-1,,,)
+	$(call ABLATE,default-2,,,)
+	$(call ABLATE,default-3,,,)
+	$(call ABLATE,overlap,,RESNET_SERVE_OVERLAP_DECODING=always,)
+	$(call ABLATE,spinning,--allow-spinning,RESNET_SERVE_ALLOW_SPINNING=true,)
+	$(call ABLATE,httpx,,,--client httpx)
 
 # Hostile input, overload, soak, faults, SIGTERM: docs/reliability.md (~3.5 min on 2 cores).
 reliability: venv

@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
         "http",
         help="load a running service over HTTP",
         description="Closed-loop load (--concurrency) and open-loop load at fixed arrival rates "
-        "(--rate) against the service; every level is bounded by --requests and --duration-s.",
+        "(--rate) against the service; every level is bounded by --requests and --duration-s. "
+        "Each level also records the load generator's own CPU time and, from the service's "
+        "/metrics, the mean batch and inference time per image. A service started with "
+        "--start-service takes the RESNET_SERVE_* variables of this environment.",
     )
     http.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:8000")
     http.add_argument(

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from reliability.harness import Service
 
@@ -113,6 +115,53 @@ def vs_engine(
     }
 
 
+# Counters of our service's /metrics, per model: inference time, batches, images in batches.
+COUNTERS = {
+    "inference_s": "resnet_serve_inference_duration_seconds_sum",
+    "batches": "resnet_serve_inference_duration_seconds_count",
+    "images": "resnet_serve_batch_size_images_sum",
+}
+
+
+def service_counters(url: str, model: str) -> dict[str, float] | None:
+    """COUNTERS for `model` now; None when the target does not expose them (not our service)."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10.0).text
+        families = list(text_string_to_metric_families(text))
+    except (httpx.HTTPError, ValueError):
+        return None
+    values = {
+        sample.name: sample.value
+        for family in families
+        for sample in family.samples
+        if sample.labels.get("model") == model
+    }
+    if not all(name in values for name in COUNTERS.values()):
+        return None
+    return {key: values[name] for key, name in COUNTERS.items()}
+
+
+def measured(
+    url: str, model: str, level: Callable[[], Coroutine[Any, Any, dict[str, Any]]]
+) -> dict[str, Any]:
+    """One load level, plus the load generator's own CPU time (it shares the machine with the
+    service) and, from the service's /metrics, its batches during the level."""
+    before, cpu = service_counters(url, model), time.process_time()
+    result = asyncio.run(level())
+    result["client_cpu_s"] = time.process_time() - cpu
+    after = service_counters(url, model)
+    if before is not None and after is not None:
+        delta = {key: after[key] - before[key] for key in COUNTERS}
+        images = delta["images"]
+        result["service"] = {
+            "batches": delta["batches"],
+            "images": images,
+            "mean_batch": images / delta["batches"] if delta["batches"] else None,
+            "inference_ms_per_image": 1000 * delta["inference_s"] / images if images else None,
+        }
+    return result
+
+
 def run_http(options: HttpOptions, out: Path, engine_results: Path | None) -> dict[str, Any]:
     """The `http` section of results.json."""
     with target(options, out) as url:
@@ -133,10 +182,13 @@ def run_http(options: HttpOptions, out: Path, engine_results: Path | None) -> di
         peak = max((*options.concurrency, 1))
         warm = asyncio.run(warm_up(spec, options.warmup_requests, peak))
         closed = [
-            asyncio.run(closed_loop(spec, c, f"concurrency {c}")) for c in options.concurrency
+            measured(url, model, lambda c=c: closed_loop(spec, c, f"concurrency {c}"))
+            for c in options.concurrency
         ]
         opened = [
-            asyncio.run(open_loop(spec, r, options.max_connections, f"{r:g} req/s"))
+            measured(
+                url, model, lambda r=r: open_loop(spec, r, options.max_connections, f"{r:g} req/s")
+            )
             for r in options.rates
         ]
     description = models.get(model, {})

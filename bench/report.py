@@ -106,10 +106,10 @@ def engine_table(engine: dict[str, Any]) -> str:
 
 def http_table(levels: list[dict[str, Any]], key: str, label: str) -> str:
     head = [label, "requests", "images/request", "images/s", "p50 ms", "p90 ms", "p99 ms"]
-    head += ["errors", "statuses", "wall s"]
+    head += ["errors", "statuses", "wall s", "client CPU s", "mean batch", "inference ms/image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lv in levels:
-        lat = lv["latency"]
+        lat, service = lv["latency"], lv.get("service") or {}
         statuses = ", ".join(f"{k}: {v}" for k, v in sorted(lv["statuses"].items()))
         cells = [
             _num(lv[key]),
@@ -122,6 +122,9 @@ def http_table(levels: list[dict[str, Any]], key: str, label: str) -> str:
             str(lv["errors"]),
             statuses or "-",
             _num(lv["wall_s"]),
+            _num(lv.get("client_cpu_s")),
+            _num(service.get("mean_batch")),
+            _num(service.get("inference_ms_per_image")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -134,7 +134,7 @@ class Run:
                 max_request_bytes=FUZZ_MAX_REQUEST_BYTES,
                 healthy=healthy,
             )
-            assert service.terminate() == 0
+            result["exit_code"] = service.terminate()
         result["server_log"] = [
             line for line in service.log().splitlines() if " ERROR " in line or "Traceback" in line
         ]

@@ -192,6 +192,9 @@ def fuzz(result: dict[str, Any]) -> list[Check]:
                 f"{before} -> peak {peak} MB",
             )
         )
+    if "exit_code" in result:
+        code = result["exit_code"]
+        checks.append(_check("fuzz: the service exits 0 on SIGTERM afterwards", code == 0, code))
     if "server_log" in result:
         log = result["server_log"]
         checks.append(_check("fuzz: no traceback, no ERROR in the log", not log, log[:3]))

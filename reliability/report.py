@@ -96,8 +96,17 @@ def markdown(results: dict[str, Any]) -> str:
     if "failing_batch" in faults:
         f = faults["failing_batch"]
         statuses = ", ".join(str(r["status"]) for r in f["same_batch"])
+        codes = [r["status"] for r in [*f["same_batch"], f["next_request"], f["other_model"]]]
+        counts = (
+            sum(c == 200 for c in codes),
+            sum(c == 503 for c in codes),
+            sum(bool(c) and c not in (200, 503) for c in codes),
+            sum(not c for c in codes),  # no answer at all
+        )
         lines.append(
-            f"| model whose inference raises | 4 | 2 | 0 | 2 | 0 | same batch: {statuses} "
+            f"| model whose inference raises | {len(codes)} | "
+            + " | ".join(str(n) for n in counts)
+            + f" | same batch: {statuses} "
             f"({f['same_batch'][0]['code']}); next batch {f['next_request']['status']}; "
             f"other model {f['other_model']['status']} |"
         )

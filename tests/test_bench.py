@@ -105,6 +105,10 @@ def test_http_mode_against_the_real_service(
     for level in http["closed"] + http["open"]:
         assert level["statuses"] == {"200": 6} and level["errors"] == 0
         assert level["latency"]["n"] == 6 and level["images_per_s"] > 0
+        assert level["client_cpu_s"] > 0
+        served = level["service"]  # from the service's /metrics, this level only
+        assert served["images"] == 12 and 1 <= served["mean_batch"] <= 12
+        assert served["inference_ms_per_image"] > 0
     assert http["vs_engine"]["concurrency"] == 3 and http["vs_engine"]["ratio"] > 0
     markdown = (engine_out / "results.md").read_text()
     assert "## Engine" in markdown and "## HTTP" in markdown and "Open loop" in markdown
