@@ -63,7 +63,6 @@ bench-ablations: venv
 	$(call ABLATE,default-1,,,)
 	$(call ABLATE,default-2,,,)
 	$(call ABLATE,default-3,,,)
-	$(call ABLATE,overlap,,RESNET_SERVE_OVERLAP_DECODING=always,)
 	$(call ABLATE,spinning,--allow-spinning,RESNET_SERVE_ALLOW_SPINNING=true,)
 	$(call ABLATE,httpx,,,--client httpx)
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cpu_gate import CpuGate
 from .errors import InferenceError, NotReadyError, QueueFullError, ServiceError
 from .metrics import Metrics
 
@@ -52,7 +51,6 @@ class Batcher:
         max_queue_images: int,
         retry_after_s: int,
         metrics: Metrics,
-        gate: CpuGate | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_images < max_batch_size or max_delay_ms < 0:
             raise ValueError(
@@ -66,7 +64,6 @@ class Batcher:
         self._infer = infer
         self._retry_after_s = retry_after_s
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._gate = gate
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
@@ -138,14 +135,7 @@ class Batcher:
         while True:
             batch = await self._collect()
             try:
-                if self._gate is None:
-                    await self._run_batch(loop, batch)
-                else:
-                    async with self._gate.inference():
-                        # Images decoded while this batch waited for its turn join it.
-                        while len(batch) < self.max_batch_size and self._take(batch):
-                            pass
-                        await self._run_batch(loop, batch)
+                await self._run_batch(loop, batch)
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -168,26 +158,14 @@ class Batcher:
                             item = await self._queue.get()
                     except TimeoutError:
                         break
-            if self._keep(item, batch) and deadline is None:
+            if item.future.done():  # its request gave up (timeout, error in a sibling image)
+                self._set_waiting(-1)
+                self._queue.task_done()
+                continue
+            if deadline is None:
                 deadline = item.enqueued + self.max_delay_s
+            batch.append(item)
         return batch
-
-    def _take(self, batch: list[_Item]) -> bool:
-        """Move one queued item into `batch` without waiting; False when the queue is empty."""
-        try:
-            item = self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return False
-        self._keep(item, batch)
-        return True
-
-    def _keep(self, item: _Item, batch: list[_Item]) -> bool:
-        if item.future.done():  # its request gave up (timeout, error in a sibling image)
-            self._set_waiting(-1)
-            self._queue.task_done()
-            return False
-        batch.append(item)
-        return True
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         start = time.monotonic()

@@ -81,10 +81,6 @@ class ModelInfo(BaseModel):
     )
     max_delay_ms: float
     max_queue_images: int
-    decode_overlap: bool = Field(
-        description="images are decoded while a batch runs (true), or decoding and inference "
-        "take turns on the CPU cores (false; setting overlap_decoding)"
-    )
     warmed_batch_sizes: list[int]
     metadata: dict[str, Any] = Field(description="the model's metadata.json, verbatim")
 

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .batcher import Batcher
-from .cpu_gate import CpuGate
 from .engine import (
     CUDA,
     Engine,
@@ -100,7 +99,7 @@ class ServedModel:
             return list(range(1, self.max_batch_size + 1))
         return sorted({1, self.max_batch_size})
 
-    def describe(self, settings: Settings, *, decode_overlap: bool) -> dict[str, Any]:
+    def describe(self, settings: Settings) -> dict[str, Any]:
         """The `/models` view: metadata plus what is true at run time."""
         entry, engine = self.entry, self.engine
         return {
@@ -125,7 +124,6 @@ class ServedModel:
             "verified_max_batch_size": entry.verified_max_batch_size,
             "max_delay_ms": settings.max_delay_ms,
             "max_queue_images": settings.max_queue_images,
-            "decode_overlap": decode_overlap,
             "warmed_batch_sizes": self.warmed,
             "metadata": entry.metadata,
         }
@@ -152,7 +150,6 @@ class ModelServer:
         self._on_fatal = on_fatal
         self._load_task: asyncio.Task[None] | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
-        self.gate: CpuGate | None = None
         log.info(
             "serving %s from %s with providers %s",
             ", ".join(f"{m.entry.name} v{m.entry.version}" for m in self.models.values()),
@@ -179,11 +176,6 @@ class ModelServer:
     def start(self) -> None:
         workers = self.settings.decode_workers or available_cores()
         self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
-        if self.settings.overlap_decoding == "never" or (
-            self.settings.overlap_decoding == "auto" and CUDA not in self.providers
-        ):
-            self.gate = CpuGate()
-            log.info("decoding and inference take turns on the CPU cores (overlap_decoding)")
         self._load_task = asyncio.create_task(self._load_all(), name="load-models")
 
     def begin_draining(self) -> None:
@@ -247,7 +239,6 @@ class ModelServer:
             max_queue_images=self.settings.max_queue_images,
             retry_after_s=self.settings.retry_after_s,
             metrics=self.metrics,
-            gate=self.gate,
         )
         model.batcher.start()
         model.state = "ready"
@@ -260,7 +251,7 @@ class ModelServer:
         )
 
     def describe(self, model: ServedModel) -> dict[str, Any]:
-        return model.describe(self.settings, decode_overlap=self.gate is None)
+        return model.describe(self.settings)
 
     def resolve(self, name: str | None) -> ServedModel:
         """The model a request names (only ever looked up in the dict), or the default one."""
@@ -327,11 +318,7 @@ class ModelServer:
         batcher.reserve(len(blobs))
         try:
             images = np.empty((len(blobs), *model.entry.input_shape), dtype=np.float32)
-            if self.gate is None:
-                await self._decode(model, blobs, images)
-            else:
-                async with self.gate.decoding():
-                    await self._decode(model, blobs, images)
+            await self._decode(model, blobs, images)
         finally:
             batcher.release(len(blobs))
         return await self.infer_tensors(model, images)

@@ -36,12 +36,6 @@ class Settings(BaseSettings):
     require_cuda: bool = Field(
         False, description="refuse to start unless every session really runs on CUDA"
     )
-    overlap_decoding: Literal["auto", "always", "never"] = Field(
-        "auto",
-        description="decode images while a batch runs (always), or let decoding and inference "
-        "take turns on the cores (never); auto: overlap when the models run on CUDA, take "
-        "turns when inference uses the CPU cores",
-    )
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
         "EXHAUSTIVE",
         description="CUDA: how cuDNN picks convolution algorithms; EXHAUSTIVE times them all on "

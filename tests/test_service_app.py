@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -118,27 +117,8 @@ def test_models_report_runtime_facts(client: TestClient) -> None:
     assert tiny["max_batch_size"] == 16  # clamped to what the export verified
     assert tiny["verified_max_batch_size"] == 16
     assert tiny["warmed_batch_sizes"] == [1, 16]
-    assert tiny["decode_overlap"] is False  # on CPU, decoding and inference take turns
     assert tiny["metadata"]["labels"][0] == "class0"
     assert tiny["input"] == {"name": "images", "shape": [None, 3, 8, 8], "dtype": "float32"}
-
-
-@pytest.mark.parametrize("overlap", ["always", "never"])
-def test_results_do_not_depend_on_decode_overlap(repo: Path, overlap: str) -> None:
-    colours = [RED, GREEN, BLUE] * 4
-    for client in started(repo, default_model="tiny", overlap_decoding=overlap):
-        assert client.get("/models/tiny").json()["decode_overlap"] is (overlap == "always")
-
-        def embed(colour: tuple[int, int, int], client: TestClient = client) -> Any:
-            return client.post("/embed", files=multipart([solid(colour)]))
-
-        with ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(embed, colours))
-        for colour, answer in zip(colours, answers, strict=True):
-            assert answer.status_code == 200, answer.text
-            np.testing.assert_allclose(
-                answer.json()["embeddings"][0], expected_embedding(colour), atol=1e-5
-            )
 
 
 def _too_many() -> dict[str, Any]:

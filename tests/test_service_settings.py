@@ -52,14 +52,13 @@ def test_every_setting_has_a_flag_and_a_variable() -> None:
         assert "RESNET_SERVE_" + name.upper() in help_text
 
 
-def test_cuda_and_cpu_tuning_reach_the_engine_config(tmp_path: Path) -> None:
+def test_cudnn_algorithm_search_reaches_the_cuda_provider_options(tmp_path: Path) -> None:
     from service.engine import CUDA as CUDA_PROVIDER
     from service.engine import provider_options
     from service.serving import engine_config
 
     argv = ["--model-repository", str(tmp_path), "--cudnn-conv-algo-search", "HEURISTIC"]
-    settings = parse_settings([*argv, "--overlap-decoding", "never"])
-    assert settings.overlap_decoding == "never"
+    settings = parse_settings(argv)
     options = provider_options([CUDA_PROVIDER, CPU], engine_config(settings))
     assert options[0]["cudnn_conv_algo_search"] == "HEURISTIC" and options[1] == {}
     default = engine_config(Settings(model_repository=tmp_path))
