@@ -9,21 +9,15 @@ from pathlib import Path
 import numpy as np
 
 from models.preprocessing import Preprocessing
-from service.preprocess import preprocess_into
+from service.preprocess import image_files, preprocess_into
 from service.settings import Settings
 
-SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default
 
 
 def load_images(directory: Path, limit: int = 256) -> list[tuple[str, bytes]]:
     """(file name, bytes) of up to `limit` images in `directory`, sorted by name."""
-    if not directory.is_dir():
-        raise FileNotFoundError(f"image directory {directory} does not exist")
-    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(SUFFIXES)}) in {directory}")
-    return [(p.name, p.read_bytes()) for p in files[:limit]]
+    return [(p.name, p.read_bytes()) for p in image_files(directory, limit)]
 
 
 def cycle_batches(images: list[bytes], batch_size: int) -> itertools.cycle[list[bytes]]:

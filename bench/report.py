@@ -122,7 +122,7 @@ def http_table(levels: list[dict[str, Any]], key: str, label: str) -> str:
             str(lv["errors"]),
             statuses or "-",
             _num(lv["wall_s"]),
-            _num(lv.get("client_cpu_s")),
+            _num(lv.get("client_cpu_s"), 2),
             _num(service.get("mean_batch")),
             _num(service.get("inference_ms_per_image")),
         ]

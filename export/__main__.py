@@ -7,11 +7,15 @@ written atomically; 1 with a one-line reason otherwise (nothing is left in REPO)
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
+
+from models.preprocessing import Preprocessing
 from models.registry import PAPER_SET, get_spec
 
 from .exporter import DEFAULT_MAX_BATCH_SIZE, ExportRequest, export_model
@@ -139,15 +143,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+@functools.cache
+def _calibration(path: Path, prep: Preprocessing, limit: int) -> np.ndarray:
+    """Read and preprocess calibration images once per preprocessing (a preset has two)."""
+    from .calibration import load_calibration
+
+    return load_calibration(path, prep, limit)
+
+
 def run_one(args: argparse.Namespace, arch: str, weights: str, *, skip: bool) -> int:
     spec = get_spec(arch)
     images, source = None, ""
     if args.calibration_images:
-        from .calibration import load_calibration
-
-        images = load_calibration(
-            args.calibration_images, spec.preprocessing, args.calibration_limit
-        )
+        images = _calibration(args.calibration_images, spec.preprocessing, args.calibration_limit)
         source = str(args.calibration_images)
     labels = None
     if args.labels:

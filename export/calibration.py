@@ -8,9 +8,8 @@ import numpy as np
 from PIL import Image
 
 from models.preprocessing import Preprocessing
-from service.preprocess import normalize_into, preprocess_into, resize_and_crop
+from service.preprocess import image_files, normalize_into, preprocess_into, resize_and_crop
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_PIXELS = 1 << 28  # calibration images are the operator's own files
 
 
@@ -31,9 +30,7 @@ def load_calibration(path: Path, prep: Preprocessing, limit: int) -> np.ndarray:
         return out
     if not path.is_dir():
         raise ValueError(f"calibration images: {path} is neither a directory nor an .npz file")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    files = image_files(path, limit)
     out = np.empty((len(files), 3, prep.crop, prep.crop), dtype=np.float32)
     for i, file in enumerate(files):
         preprocess_into(file.read_bytes(), prep, out[i], max_pixels=MAX_PIXELS)

@@ -95,8 +95,10 @@ def resolve_labels(spec: ArchSpec, labels: list[str] | None) -> list[str]:
         return [f"class_{i}" for i in range(spec.num_classes)]
     if len(labels) != spec.num_classes:
         raise ExportError(f"{len(labels)} labels given for {spec.num_classes} classes")
-    if any("\n" in label or "\r" in label for label in labels):
-        raise ExportError("labels must not contain line breaks (Triton's labels.txt: one per line)")
+    try:
+        triton.render_labels(labels)  # refused before anything is written, not after
+    except triton.TritonConfigError as exc:
+        raise ExportError(f"labels must not contain line breaks: {exc}") from None
     return labels
 
 

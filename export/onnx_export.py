@@ -59,11 +59,12 @@ def export_onnx(model: ResNet, input_size: tuple[int, int, int], path: Path) -> 
 
 def check_graph(path: Path, input_size: tuple[int, int, int]) -> None:
     """onnx.checker's full check, plus the contract: names, a dynamic batch, no external data."""
+    model = onnx.load(str(path), load_external_data=False)
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
         raise OnnxExportError(f"onnx.checker rejected the graph: {_first_line(exc)}") from exc
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = model.graph
     inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
     if [i.name for i in inputs] != [INPUT_NAME]:
         raise OnnxExportError(f"graph inputs are {[i.name for i in inputs]}, expected images")

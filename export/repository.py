@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from service.repository import version_numbers
+
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -31,10 +33,7 @@ def validate_name(name: str) -> str:
 
 
 def versions(repo: Path, name: str) -> list[int]:
-    directory = repo / name
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+    return version_numbers(repo / name)
 
 
 def read_metadata(repo: Path, name: str, version: int) -> dict[str, Any]:

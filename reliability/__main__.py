@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -143,6 +144,7 @@ class Run:
 
     def faults(self) -> None:
         results: dict[str, Any] = {"startup": []}
+        shutil.rmtree(self.out / "startup", ignore_errors=True)  # a rerun starts clean
         for index, case in enumerate(fault_scenarios.BROKEN_MODELS):
             workdir = self.out / "startup" / str(index)
             outcome = fault_scenarios.broken_model_at_startup(workdir, case)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,6 +27,8 @@ from .errors import ImageTooLargeError, InvalidImageError
 # What the service accepts; other formats Pillow knows (EPS, PSD, ICO, ...) are refused, which
 # keeps rarely exercised decoders away from untrusted bytes.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# File names that hold images of those formats (calibration and benchmark image directories).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -33,6 +36,17 @@ _RESAMPLE = {
 }
 # Pillow raises these for truncated or corrupt data, some only once pixels are decoded.
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError)
+
+
+def image_files(directory: Path, limit: int) -> list[Path]:
+    """The first `limit` image files in `directory` by name; raises ValueError if there are none."""
+    if not directory.is_dir():
+        raise ValueError(f"image directory {directory} does not exist")
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = [p for p in files if p.is_file()][:limit]
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
+    return files
 
 
 def decode(data: bytes, *, min_shorter_side: int, max_pixels: int) -> Image.Image:

@@ -53,6 +53,17 @@ class ModelEntry:
         return (3, crop, crop)
 
 
+def version_numbers(model_dir: Path) -> list[int]:
+    """The versions under REPO/<name>, ascending: directories named by a positive integer."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        int(d.name)
+        for d in model_dir.iterdir()
+        if d.is_dir() and d.name.isdigit() and d.name.isascii() and int(d.name) > 0
+    )
+
+
 def scan_repository(root: Path) -> dict[str, ModelEntry]:
     """{name: entry} for the highest version of each model under `root`."""
     if not root.is_dir():
@@ -61,11 +72,7 @@ def scan_repository(root: Path) -> dict[str, ModelEntry]:
     for model_dir in sorted(root.iterdir()):
         if model_dir.name.startswith(".") or not model_dir.is_dir():
             continue
-        versions = [
-            int(d.name)
-            for d in model_dir.iterdir()
-            if d.is_dir() and d.name.isdigit() and d.name.isascii() and int(d.name) > 0
-        ]
+        versions = version_numbers(model_dir)
         if not versions:
             log.warning("skipping %s: no version directories", model_dir)
             continue

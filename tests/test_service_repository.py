@@ -144,3 +144,15 @@ def test_requiring_cuda_without_it_fails_loudly(tmp_path: Path) -> None:
             output_names=["logits", "embedding"],
             input_shape=(3, 8, 8),
         )
+
+
+def test_exporter_and_service_agree_on_which_directories_are_versions(tmp_path: Path) -> None:
+    from export import repository as export_repository
+    from service.repository import version_numbers
+
+    for name in ("1", "3", "0", "²", "x", ".tmp-1"):
+        (tmp_path / "m" / name).mkdir(parents=True)
+    (tmp_path / "m" / "5").write_text("a file, not a version")
+    assert version_numbers(tmp_path / "m") == [1, 3]
+    assert export_repository.versions(tmp_path, "m") == [1, 3]
+    assert export_repository.versions(tmp_path, "absent") == []
