@@ -50,14 +50,21 @@ def write_tiny_model(
     )
 
 
-def export(arch: str, weights: str, repo: Path, *extra: str) -> None:
-    """`python -m export`, as a user runs it."""
-    result = subprocess.run(
-        [sys.executable, "-m", "export", arch, "--weights", weights, "--out", str(repo), *extra],
+def run_module(module: str, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE ARGS` from the project root, as a user runs it; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout_s,
+    )
+
+
+def export(arch: str, weights: str, repo: Path, *extra: str) -> None:
+    """`python -m export ARCH --weights W --out REPO`; raises with its output if it fails."""
+    result = run_module(
+        "export", arch, "--weights", weights, "--out", str(repo), *extra, timeout_s=600
     )
     if result.returncode != 0:
         raise RuntimeError(f"export {arch} failed: {result.stderr or result.stdout}")
@@ -65,13 +72,7 @@ def export(arch: str, weights: str, repo: Path, *extra: str) -> None:
 
 def service_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """`python -m service ARGS` expected to exit on its own (bad settings or repository)."""
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_module("service", *args)
 
 
 def make_batcher(infer: Callable[[np.ndarray], Any], **options: Any) -> Batcher:

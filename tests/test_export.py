@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +18,12 @@ from models.hashing import sha256_file
 from models.registry import CIFAR10_CLASSES, complexity, get_spec
 from service.engine import EngineConfig, create_session
 
-from .conftest import CIFAR_CHECKPOINTS, CIFAR_TEST, ROOT, normalize_cifar, require
+from .conftest import CIFAR_CHECKPOINTS, CIFAR_TEST, normalize_cifar, require
+from .service_helpers import run_module
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "export", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module("export", *args, timeout_s=300)
 
 
 @pytest.fixture(scope="module")

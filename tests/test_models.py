@@ -4,8 +4,6 @@ shortcut options, and a forward pass of every registered architecture at small s
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from torch import nn
 from models.blocks import ProjectionShortcut, Shortcut, ZeroPadShortcut
 from models.registry import PAPER_SET, complexity, get_spec, list_specs
 
-from .conftest import ROOT
+from .service_helpers import run_module
 
 # torchvision's published figures (ResNet*_Weights.IMAGENET1K_V1 meta: num_params, GFLOPS).
 TORCHVISION = {
@@ -246,15 +244,9 @@ def test_registry_rejects_duplicates_and_unknown_names() -> None:
 
 
 def test_models_list_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "models", "list", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout
-    rows = {r["name"]: r for r in json.loads(out)}
+    result = run_module("models", "list", "--json", timeout_s=120)
+    assert result.returncode == 0, result.stderr
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
     assert set(PAPER_SET) <= set(rows)
     assert len(rows) == len(list_specs())
     r = rows["cifar_resnet20"]
