@@ -41,8 +41,13 @@ class Service:
         self.host = "127.0.0.1"
         self.url = f"http://{self.host}:{self.port}"
         self.log_path = log_path
+        # gRPC on a free port of its own too (unless the flags choose), never the default 8001.
+        given = [f for f in flags if f.startswith("--grpc-port")]
+        self.grpc_port = free_port() if not given else int(given[-1].partition("=")[2] or 0)
         command = [sys.executable, "-m", "service", "--model-repository", str(repo)]
-        command += ["--host", self.host, "--port", str(self.port), "--no-access-log", *flags]
+        command += ["--host", self.host, "--port", str(self.port), "--no-access-log"]
+        command += [] if given else [f"--grpc-port={self.grpc_port}"]
+        command += flags
         # Only the flags and `env` configure it: none of the caller's RESNET_SERVE_* leak in.
         environment = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
         environment.update(env or {})

@@ -23,7 +23,7 @@ from .api import create_app
 from .engine import EngineError
 from .repository import RepositoryError
 from .serving import ModelServer
-from .settings import ENV_PREFIX, Settings
+from .settings import ENV_PREFIX, Settings, is_env_only
 
 log = logging.getLogger("service")
 
@@ -33,8 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m service",
         description="Serve the models of a model repository over HTTP. Every flag can also be "
         f"set with the environment variable {ENV_PREFIX}<FLAG> (upper case, _ for -).",
+        epilog="Environment only (secrets): "
+        + "; ".join(
+            f"{ENV_PREFIX}{name.upper()}: {field.description}"
+            for name, field in Settings.model_fields.items()
+            if is_env_only(name)
+        ),
     )
     for name, field in Settings.model_fields.items():
+        if is_env_only(name):
+            continue  # secrets: a flag would show them to anyone who can list processes
         flag = "--" + name.replace("_", "-")
         env = ENV_PREFIX + name.upper()
         default = "required" if field.is_required() else f"default: {field.default}"

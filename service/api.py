@@ -16,11 +16,15 @@ import numpy as np
 from fastapi import APIRouter, FastAPI, Query, Request
 from starlette.responses import Response
 
+from .auth import AccessPolicy, BearerAuth
 from .bodies import FILE_PART, read_images
 from .dependencies import Server
 from .disconnect import unless_disconnected
 from .errors import InvalidParameterError, install_error_handlers
+from .grpc_server import start_grpc
 from .metrics import Metrics
+from .model_control import ModelControl
+from .model_control import router as repository_router
 from .oip import router as oip_router
 from .schemas import (
     ClassifyResponse,
@@ -34,6 +38,7 @@ from .schemas import (
 )
 from .serving import ModelServer
 from .settings import Settings
+from .tracing import Tracing, TracingMiddleware
 
 NPY = "application/x-npy"
 
@@ -224,19 +229,38 @@ def top_k_predictions(
     ]
 
 
-def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    on_fatal: Callable[[], None] | None = None,
+    span_exporter: Any = None,
+) -> FastAPI:
     """The service for `settings`. Reads the repository now (a bad one raises here); sessions
     are built and warmed in the background once the app starts. `on_fatal` is called when that
-    fails, so that the process can exit non-zero instead of never becoming ready."""
+    fails, so that the process can exit non-zero instead of never becoming ready. Spans go to
+    `span_exporter` when given (tests), else as the settings say (service/tracing.py)."""
     server = ModelServer(settings, Metrics(), on_fatal=on_fatal)
+    access = AccessPolicy.from_settings(settings, server.metrics)
+    tracing = Tracing.from_settings(settings, span_exporter)
+    control = ModelControl(server, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.start()
+        control.start()
+        # gRPC shares this event loop, the data plane, the tokens and the tracer.
+        grpc = await start_grpc(
+            settings, server, access, tracing, name=app.title, version=app.version
+        )
+        app.state.grpc_port = grpc[1] if grpc else None
         try:
             yield
         finally:
+            if grpc is not None:  # no new calls; accepted ones finish (SIGTERM drain)
+                await grpc[0].stop(settings.request_timeout_ms / 1000.0)
+            await control.stop()
             await server.stop()
+            tracing.shutdown()
 
     app = FastAPI(
         title="resnet-serve",
@@ -250,6 +274,13 @@ def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(oip_router)
+    app.state.access, app.state.tracing, app.state.model_control = access, tracing, control
+    if settings.model_control_mode == "explicit":  # management endpoints: off unless enabled
+        app.include_router(repository_router)
+    if tracing.enabled:
+        app.add_middleware(TracingMiddleware, tracing=tracing)
+    if access.enabled:  # outermost: a refused request is neither traced nor read
+        app.add_middleware(BearerAuth, policy=access)
     return app
 
 

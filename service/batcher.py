@@ -24,6 +24,7 @@ import numpy as np
 
 from .errors import InferenceError, NotReadyError, QueueFullError, ServiceError
 from .metrics import Metrics
+from .tracing import BatchRecord, current_record
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class _Item:
     image: np.ndarray
     future: asyncio.Future[Outputs]
     enqueued: float
+    trace: BatchRecord | None  # the request's, when it is traced (service/tracing.py)
 
 
 class Batcher:
@@ -115,11 +117,11 @@ class Batcher:
         """Outputs for each image of `images` [N, ...], in order; N must fit the queue whole."""
         self.reserve(len(images))
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
+        now, trace = time.monotonic(), current_record()
         futures: list[asyncio.Future[Outputs]] = []
         for image in images:
             future: asyncio.Future[Outputs] = loop.create_future()
-            self._queue.put_nowait(_Item(image, future, now))
+            self._queue.put_nowait(_Item(image, future, now, trace))
             futures.append(future)
         try:
             return list(await asyncio.gather(*futures))
@@ -179,7 +181,9 @@ class Batcher:
         self._batch_size.observe(len(batch))
         try:
             images = np.stack([item.image for item in batch])
+            infer_start = time.monotonic()
             outputs = await loop.run_in_executor(self._executor, self._infer, images)
+            _record(batch, start, infer_start, time.monotonic())
             sizes = [len(output) for output in outputs]
             if not outputs or any(size != len(batch) for size in sizes):
                 raise InferenceError(
@@ -207,3 +211,10 @@ class Batcher:
         for item in batch:
             if not item.future.done():
                 item.future.set_exception(error)
+
+
+def _record(batch: list[_Item], start: float, infer_start: float, infer_end: float) -> None:
+    """Tell traced requests which batch ran their images, and when (service/tracing.py)."""
+    for item in batch:
+        if item.trace is not None:
+            item.trace.runs.append((item.enqueued, start, infer_start, infer_end, len(batch)))

@@ -40,13 +40,14 @@ from .metrics import Metrics
 from .preprocess import preprocess_into
 from .repository import ModelEntry, scan_repository
 from .settings import Settings
+from .tracing import annotate_model, stage
 
 if TYPE_CHECKING:
     from .openvino_engine import OpenVINOEngine
 
 log = logging.getLogger(__name__)
 
-ModelState = Literal["loading", "ready", "failed"]
+ModelState = Literal["loading", "ready", "failed", "unloaded"]
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -91,6 +92,19 @@ class ServedModel:
         self.engine: Engine | OpenVINOEngine | None = None
         self.batcher: Batcher | None = None
         self.warmed: list[int] = []
+        self.users = 0  # requests that resolved to this version and have not answered yet
+        self._idle: asyncio.Event | None = None
+
+    async def idle(self) -> None:
+        """Until no request holds this version (live model updates release it then)."""
+        while self.users:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    def _leave(self) -> None:
+        self.users -= 1
+        if not self.users and self._idle is not None:
+            self._idle.set()
 
     def warmup_sizes(self, provider: str) -> list[int]:
         """Every size the batcher can form on CUDA (a new shape can cost seconds there); on CPU
@@ -279,8 +293,10 @@ class ModelServer:
             self.metrics.requests.labels("", endpoint, str(exc.status)).inc()
             raise
         label, start, status = model.entry.name, time.monotonic(), 500
+        annotate_model(label, model.entry.version)
         in_flight = self.metrics.in_flight.labels(label)
         in_flight.inc()
+        model.users += 1
         timeout = asyncio.timeout(self.settings.request_timeout_ms / 1000.0)
         try:
             if model.state != "ready":
@@ -303,6 +319,7 @@ class ModelServer:
             status = exc.status
             raise
         finally:
+            model._leave()
             in_flight.dec()
             self.metrics.requests.labels(label, endpoint, str(status)).inc()
             self.metrics.request_latency.labels(label, endpoint).observe(time.monotonic() - start)
@@ -318,7 +335,8 @@ class ModelServer:
         batcher.reserve(len(blobs))
         try:
             images = np.empty((len(blobs), *model.entry.input_shape), dtype=np.float32)
-            await self._decode(model, blobs, images)
+            with stage("decode"):
+                await self._decode(model, blobs, images)
         finally:
             batcher.release(len(blobs))
         return await self.infer_tensors(model, images)

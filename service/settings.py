@@ -7,15 +7,22 @@ bad configuration fails start-up with one clear message instead of misbehaving u
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import DirectoryPath, Field, model_validator
+from pydantic import DirectoryPath, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RESNET_SERVE_"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _PROVIDER_ALIASES = {"cuda": CUDA, "cpu": CPU}
+
+
+def is_env_only(name: str) -> bool:
+    """Fields read from their RESNET_SERVE_* variable only, never from a flag (secrets)."""
+    extra = Settings.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("env_only"))
 
 
 class Settings(BaseSettings):
@@ -87,6 +94,55 @@ class Settings(BaseSettings):
         "info", description="log level of the service and uvicorn"
     )
     access_log: bool = Field(True, description="log one line per HTTP request")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="TCP port of the Open Inference Protocol over gRPC, on the same host and "
+        "process (0: no gRPC)",
+    )
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="live model updates (Triton's names): none: the versions present at start "
+        "are served until exit; poll: a new version appearing in the repository is loaded, "
+        "warmed and swapped in; explicit: POST /v2/repository/models/NAME/load|unload do it on "
+        "request (needs a management token)",
+    )
+    repository_poll_secs: float = Field(
+        5.0, gt=0, description="with model_control_mode=poll: seconds between repository scans"
+    )
+    inference_token_file: Path | None = Field(
+        None,
+        description="file holding the bearer token that inference (and, when protected, "
+        "metrics and docs) requires; or set RESNET_SERVE_INFERENCE_TOKEN; unset: open",
+    )
+    management_token_file: Path | None = Field(
+        None,
+        description="file holding the bearer token of the repository endpoints (load, unload, "
+        "index); or set RESNET_SERVE_MANAGEMENT_TOKEN; required with model_control_mode=explicit",
+    )
+    inference_token: SecretStr | None = Field(
+        None,
+        description="the inference token itself (environment only, never a flag)",
+        json_schema_extra={"env_only": True},
+    )
+    management_token: SecretStr | None = Field(
+        None,
+        description="the management token itself (environment only, never a flag)",
+        json_schema_extra={"env_only": True},
+    )
+    protect_metrics: bool = Field(
+        True, description="with an inference token: /metrics needs a token too"
+    )
+    protect_docs: bool = Field(
+        True, description="with an inference token: /docs, /redoc and /openapi.json need one too"
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="send OpenTelemetry traces to this OTLP/gRPC collector (e.g. "
+        "http://localhost:4317); also taken from OTEL_EXPORTER_OTLP_ENDPOINT; unset: tracing off, "
+        "at no cost",
+    )
 
     @model_validator(mode="after")
     def _check_across_fields(self) -> Self:
@@ -105,7 +161,42 @@ class Settings(BaseSettings):
             )
         if self.request_timeout_ms <= self.max_delay_ms:
             raise ValueError("request_timeout_ms must be longer than max_delay_ms")
+        for kind in ("inference", "management"):
+            if getattr(self, f"{kind}_token") is not None and getattr(self, f"{kind}_token_file"):
+                raise ValueError(
+                    f"both {kind}_token_file and RESNET_SERVE_{kind.upper()}_TOKEN are set: "
+                    "give one"
+                )
+            self.token(kind)  # unreadable or empty: refused here, before anything loads
+        if self.model_control_mode == "explicit" and self.token("management") is None:
+            raise ValueError(
+                "model_control_mode=explicit enables the repository endpoints, which change what "
+                "is served: give them a management token (management_token_file or "
+                "RESNET_SERVE_MANAGEMENT_TOKEN)"
+            )
         return self
+
+    def token(self, kind: Literal["inference", "management"]) -> bytes | None:
+        """The bearer token of `kind` (from its file or its variable), or None when unset.
+        Raises ValueError when the file cannot be read or the token is empty."""
+        secret: SecretStr | None = getattr(self, f"{kind}_token")
+        path: Path | None = getattr(self, f"{kind}_token_file")
+        if secret is not None:
+            value = secret.get_secret_value()
+        elif path is not None:
+            try:
+                value = path.read_text("utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{kind}_token_file {path}: cannot read: {exc}") from None
+        else:
+            return None
+        value = value.strip()  # files end in a newline; secrets mounted by Kubernetes may not
+        if not value or any(c.isspace() for c in value) or not value.isascii():
+            raise ValueError(
+                f"the {kind} token must be non-empty printable ASCII without spaces "
+                "(never shown here)"
+            )
+        return value.encode("ascii")
 
     @property
     def provider_list(self) -> tuple[str, ...] | Literal["auto"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.__main__ import build_parser, parse_settings
-from service.settings import CPU, CUDA, Settings
+from service.settings import CPU, CUDA, Settings, is_env_only
 
 from .conftest import ROOT
 from .service_helpers import service_cli
@@ -48,8 +49,14 @@ def test_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_every_setting_has_a_flag_and_a_variable() -> None:
     help_text = " ".join(build_parser().format_help().split())
     for name in Settings.model_fields:
-        assert "--" + name.replace("_", "-") in help_text
+        flag = re.escape("--" + name.replace("_", "-")) + r"(?![\w-])"
+        # Secrets are variables only: a flag would show them in the process list.
+        assert bool(re.search(flag, help_text)) is not is_env_only(name), name
         assert "RESNET_SERVE_" + name.upper() in help_text
+    assert {n for n in Settings.model_fields if is_env_only(n)} == {
+        "inference_token",
+        "management_token",
+    }
 
 
 def test_cudnn_algorithm_search_reaches_the_cuda_provider_options(tmp_path: Path) -> None:
