@@ -85,7 +85,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         await self._authorize(context, "inference")
-        model = await self._find(context, request.name, request.version)
+        try:  # an unknown model or version is not ready, as on HTTP (where it is a 404)
+            model = _check_version(self.server.resolve(request.name), request.version)
+        except ServiceError:
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=model.state == "ready")
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
