@@ -168,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the service (default), or httpx",
     )
     http.add_argument(
+        "--protocol",
+        choices=("http", "grpc"),
+        default="http",
+        help="http: POST /classify or /embed (default); grpc: the Open Inference Protocol's "
+        "ModelInfer with the same images as image_bytes (classification top 5 for classify)",
+    )
+    http.add_argument(
+        "--grpc-url", help="--protocol grpc without --start-service: host:port, e.g. 127.0.0.1:8001"
+    )
+    http.add_argument(
         "--service-ready-timeout-s",
         type=float,
         default=300.0,
@@ -268,6 +278,8 @@ def run_http_mode(args: argparse.Namespace, command: str) -> dict[str, Any]:
         client=args.client,
         start_service=args.repository if args.start_service else None,
         service_ready_timeout_s=args.service_ready_timeout_s,
+        protocol=args.protocol,
+        grpc_url=args.grpc_url,
     )
     section = run_http(options, args.out, args.engine_results)
     section["command"] = command

@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from reliability.harness import Service
 
-from .load import LoadSpec, build_payloads, closed_loop, open_loop, warm_up
+from .grpc_client import grpc_payloads
+from .load import LoadSpec, build_payloads, closed_loop, image_groups, open_loop, warm_up
 from .report import load_results
 
 # What GET /models tells about the served model that the results should keep.
@@ -44,21 +45,23 @@ class HttpOptions:
     client: str  # wire | httpx
     start_service: Path | None  # a repository: start the service on it for the run
     service_ready_timeout_s: float
+    protocol: str = "http"  # http | grpc (the Open Inference Protocol, bench/grpc_client.py)
+    grpc_url: str | None = None  # host:port of a running service's gRPC port
 
 
 @contextlib.contextmanager
-def target(options: HttpOptions, out: Path) -> Iterator[str]:
-    """The base URL to load: the given one, or a service started here for the run (configured
-    by the RESNET_SERVE_* variables of this process, access log off)."""
+def target(options: HttpOptions, out: Path) -> Iterator[tuple[str, str | None]]:
+    """(the base URL, the gRPC host:port) to load: the given ones, or a service started here for
+    the run (configured by the RESNET_SERVE_* variables of this process, access log off)."""
     if options.start_service is None:
         assert options.url is not None  # the CLI requires one of the two
-        yield options.url.rstrip("/")
+        yield options.url.rstrip("/"), options.grpc_url
         return
     out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k.startswith("RESNET_SERVE_")}
     with Service(options.start_service.resolve(), out / "service.log", env=env) as service:
         service.wait_ready(options.service_ready_timeout_s)
-        yield service.url
+        yield service.url, f"{service.host}:{service.grpc_port}"
 
 
 def models_of(url: str) -> dict[str, dict[str, Any]]:
@@ -164,15 +167,22 @@ def measured(
 
 def run_http(options: HttpOptions, out: Path, engine_results: Path | None) -> dict[str, Any]:
     """The `http` section of results.json."""
-    with target(options, out) as url:
+    with target(options, out) as (url, grpc_target):
         models = models_of(url)
         model = choose_model(models, options.model)
         query = f"model={model}" + ("&top_k=5" if options.endpoint == "classify" else "")
+        payloads = build_payloads(
+            list(options.images), options.images_per_request, raw=options.raw_body
+        )
+        if options.protocol == "grpc":
+            if grpc_target is None:
+                raise ValueError("--protocol grpc needs --grpc-url host:port (or --start-service)")
+            groups = image_groups(list(options.images), options.images_per_request)
+            payloads = grpc_payloads(groups, model, options.endpoint)
         spec = LoadSpec(
             url=f"{url}/{options.endpoint}?{query}",
-            payloads=build_payloads(
-                list(options.images), options.images_per_request, raw=options.raw_body
-            ),
+            payloads=payloads,
+            grpc_target=grpc_target if options.protocol == "grpc" else None,
             requests=options.requests,
             duration_s=options.duration_s,
             timeout_s=options.timeout_s,
@@ -202,6 +212,7 @@ def run_http(options: HttpOptions, out: Path, engine_results: Path | None) -> di
         "images_per_request": options.images_per_request,
         "body": "raw image" if options.raw_body else "multipart/form-data",
         "client": options.client,
+        "protocol": options.protocol,
         "requests_per_level": options.requests,
         "duration_s_per_level": options.duration_s,
         "timeout_s": options.timeout_s,

@@ -44,6 +44,7 @@ class LoadSpec:
     timeout_s: float
     expect_key: str  # "predictions" | "embeddings": one entry per image in a 200 answer
     client: str = "wire"  # wire: the lean keep-alive client (bench/wire.py) | httpx
+    grpc_target: str | None = None  # host:port: payloads are gRPC ModelInfer requests
 
 
 @dataclass
@@ -81,6 +82,18 @@ def multipart_body(images: list[tuple[str, bytes]]) -> tuple[bytes, str]:
         chunks += [data, b"\r\n"]
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def image_groups(
+    images: list[tuple[str, bytes]], per_request: int
+) -> tuple[tuple[bytes, ...], ...]:
+    """The encoded images of each request, cycling through all images (as `build_payloads`)."""
+    if per_request < 1:
+        raise ValueError("images per request must be >= 1")
+    stream = itertools.cycle(images)
+    return tuple(
+        tuple(next(stream)[1] for _ in range(per_request)) for _ in range(max(1, len(images)))
+    )
 
 
 def build_payloads(
@@ -147,6 +160,10 @@ class _HttpxPoster:
 
 
 def _poster(spec: LoadSpec, connections: int) -> Poster:
+    if spec.grpc_target is not None:
+        from .grpc_client import GrpcPoster
+
+        return GrpcPoster(spec.grpc_target, spec.timeout_s)
     if spec.client == "wire":
         return _WirePoster(spec.url, connections)
     if spec.client == "httpx":

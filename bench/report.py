@@ -189,7 +189,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         parts += [
             f"Target {http.get('url')}, model {http.get('model')}, endpoint "
             f"{http.get('endpoint')}, {http.get('images')} distinct images, load generator "
-            f"{http.get('client', 'httpx')} on the same machine.",
+            f"{_generator(http)} on the same machine.",
             "",
         ]
         if http.get("closed"):
@@ -208,3 +208,9 @@ def render_markdown(results: dict[str, Any]) -> str:
                 "",
             ]
     return "\n".join(parts)
+
+
+def _generator(http: dict[str, Any]) -> str:
+    if http.get("protocol") == "grpc":
+        return "gRPC (Open Inference Protocol ModelInfer, image_bytes)"
+    return str(http.get("client", "httpx"))

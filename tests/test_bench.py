@@ -86,20 +86,22 @@ def test_engine_mode_writes_complete_rows(engine_out: Path) -> None:
     assert_png(engine_out / "latency_vs_depth.png")
 
 
-@pytest.mark.parametrize("client", ["wire", "httpx"])
+@pytest.mark.parametrize("client", ["wire", "httpx", "grpc"])
 def test_http_mode_against_the_real_service(
     repository: Path, images: Path, engine_out: Path, client: str
 ) -> None:
     argv = ["http", "--start-service", "--repository", str(repository), "--images", str(images)]
     argv += ["--concurrency", "1,3", "--requests", "6", "--images-per-request", "2"]
     argv += ["--rate", "30", "--warmup-requests", "2", "--duration-s", "30", "--timeout-s", "30"]
-    argv += ["--client", client, "--out", str(engine_out)]
+    argv += ["--protocol", "grpc"] if client == "grpc" else ["--client", client]
+    argv += ["--out", str(engine_out)]
     assert main(argv) == 0
     results = json.loads((engine_out / "results.json").read_text())
     assert "engine" in results  # each mode replaces only its own section
     http = results["http"]
     assert http["model"] == MODEL and http["model_info"]["params"] == 269_722
-    assert http["client"] == client
+    assert http["protocol"] == ("grpc" if client == "grpc" else "http")
+    assert client == "grpc" or http["client"] == client
     assert [lv["concurrency"] for lv in http["closed"]] == [1, 3]
     assert [lv["rate_per_s"] for lv in http["open"]] == [30.0]
     for level in http["closed"] + http["open"]:
