@@ -1,4 +1,4 @@
-"""`python -m reliability overload|soak|fuzz|faults|all --out DIR [--quick]`
+"""`python -m reliability overload|soak|fuzz|faults|swap|all --out DIR [--quick]`
 
 Starts `python -m service` on free 127.0.0.1 ports (one fresh process per scenario), drives it
 with bounded request counts and time, writes DIR/results.json, DIR/results.md and the servers'
@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from .graphs import write_conv, write_poison, write_tiny
 from .harness import ROOT, Service, sample_images
 from .load import Target, overload, soak
 from .report import machine, markdown
+from .swap import swap_under_load, write_version_atomically
 
 
 @dataclass(frozen=True)
@@ -174,11 +176,41 @@ class Run:
         self.checks += judge.sigterm(results["sigterm"])
         self.results["faults"] = results
 
+    def swap(self) -> None:
+        """A new version swapped in under steady load, by the poller and by an explicit load."""
+        results: dict[str, Any] = {}
+        for how in ("poll", "explicit"):
+            repo = self.out / f"swap-{how}-repo"
+            shutil.rmtree(repo, ignore_errors=True)  # a rerun starts from version 1
+            write_tiny(repo, "tiny")
+            token = self.out / "swap-management.token"
+            token.write_text("swap-" + "0123456789abcdef" * 2)
+            flags = [f"--model-control-mode={how}", "--repository-poll-secs=0.5"]
+            flags += [f"--management-token-file={token}", "--no-protect-metrics"]
+            with self.service(f"swap-{how}", repo, *flags) as service:
+                if how == "poll":
+                    trigger = partial(write_version_atomically, repo, "tiny", 2, seed=1)
+                else:
+                    write_version_atomically(repo, "tiny", 2, seed=1)
+                    url = f"{service.url}/v2/repository/models/tiny/load"
+                    auth = {"authorization": f"Bearer {token.read_text()}"}
+                    trigger = partial(_status_of, url, auth)
+                results[how] = swap_under_load(
+                    service, "tiny", trigger, new_version=2, answers_after=300
+                )
+                results[how]["trigger_result"] = str(results[how]["trigger_result"])
+        self.results["swap"] = results
+        self.checks += judge.swap(results)
+
     def write(self) -> bool:
         self.results["checks"] = judge.as_dicts(self.checks)
         (self.out / "results.json").write_text(json.dumps(self.results, indent=1) + "\n")
         (self.out / "results.md").write_text(markdown(self.results))
         return all(c.passed for c in self.checks)
+
+
+def _status_of(url: str, headers: dict[str, str]) -> int:
+    return httpx.post(url, headers=headers, timeout=120).status_code
 
 
 def export_resnet18(repo: Path) -> None:
@@ -189,7 +221,7 @@ def export_resnet18(repo: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reliability", description=__doc__)
-    parser.add_argument("scenario", choices=["overload", "soak", "fuzz", "faults", "all"])
+    parser.add_argument("scenario", choices=["overload", "soak", "fuzz", "faults", "swap", "all"])
     parser.add_argument("--out", type=Path, required=True, help="directory for the results")
     parser.add_argument("--quick", action="store_true", help="about a minute, synthetic models")
     parser.add_argument("--repository", type=Path, help="serve this repository for load")
@@ -199,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--repository and --model go together")
     run = Run(args.out, QUICK if args.quick else LONG, args.repository, args.model)
     started = time.monotonic()
-    steps = ["overload", "soak", "faults", "fuzz"] if args.scenario == "all" else [args.scenario]
+    steps = ["overload", "soak", "faults", "fuzz", "swap"]
+    steps = steps if args.scenario == "all" else [args.scenario]
     for step in steps:
         print(f"{step} ...", flush=True)
         getattr(run, step)()

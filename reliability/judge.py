@@ -201,6 +201,24 @@ def fuzz(result: dict[str, Any]) -> list[Check]:
     return checks
 
 
+def swap(result: dict[str, Any]) -> list[Check]:
+    """A live model update under load (reliability/swap.py), per trigger (poll, explicit)."""
+    checks = []
+    for how, r in result.items():
+        checks += [
+            _check(f"swap ({how}): switched", r["switched"], r["versions"]),
+            _check(f"swap ({how}): failed = 0", r["failures"] == 0, r["failure_statuses"]),
+            _check(
+                f"swap ({how}): one switch point (no old answer after the first new one)",
+                r["old_version_after_switch"] == 0,
+                r["old_version_after_switch"],
+            ),
+            _check(f"swap ({how}): /readyz 200 throughout", set(r["readyz"]) == {"200"},
+                   r["readyz"]),
+        ]  # fmt: skip
+    return checks
+
+
 def as_dicts(checks: list[Check]) -> list[dict[str, Any]]:
     return [asdict(c) for c in checks]
 

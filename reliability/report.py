@@ -133,6 +133,14 @@ def markdown(results: dict[str, Any]) -> str:
             f"| fuzz: HTTP protocol abuse | {p['cases']} | - | - | {len(p['failed'])} | 0 | "
             "huge headers, lying lengths, slow bodies, absurd query values |"
         )
+    for how, r in results.get("swap", {}).items():
+        lines.append(
+            f"| live model update ({how}) under load | {r['requests']} | "
+            f"{r['requests'] - r['failures']} | 0 | {r['failures']} | 0 | versions "
+            f"{r['versions']}; {r['requests_during_swap']} requests during the swap; first new "
+            f"answer {r['time_to_switch_s']} s after the trigger; old answers after it: "
+            f"{r['old_version_after_switch']}; /readyz {r['readyz']} |"
+        )
     checks = results.get("checks", [])
     passed = sum(c["passed"] for c in checks)
     lines += ["", f"Checks: {passed} of {len(checks)} passed.", ""]
