@@ -21,7 +21,7 @@ from .bodies import FILE_PART, read_images
 from .dependencies import Server
 from .disconnect import unless_disconnected
 from .errors import InvalidParameterError, install_error_handlers
-from .grpc_server import start_grpc
+from .grpc_launch import grpc_wanted, start_grpc
 from .metrics import Metrics
 from .model_control import ModelControl
 from .model_control import router as repository_router
@@ -243,6 +243,7 @@ def create_app(
     access = AccessPolicy.from_settings(settings, server.metrics)
     tracing = Tracing.from_settings(settings, span_exporter)
     control = ModelControl(server, settings)
+    grpc_wanted(settings)  # configured but not installed: refuse now, before anything loads
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -234,7 +234,7 @@ def _response(
     )
 
 
-async def start_grpc(
+async def serve(
     settings: Settings,
     server: ModelServer,
     access: AccessPolicy,
@@ -242,10 +242,8 @@ async def start_grpc(
     *,
     name: str,
     version: str,
-) -> tuple[grpc.aio.Server, int] | None:
-    """The gRPC server on `settings.grpc_port` (None when 0), started on the running loop."""
-    if settings.grpc_port == 0:
-        return None
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server on `settings.grpc_port`, started on the running loop, and its port."""
     limit = settings.max_request_bytes
     grpc_server = grpc.aio.server(
         options=[
