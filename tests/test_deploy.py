@@ -215,9 +215,27 @@ def test_service_selects_the_deployment_pods() -> None:
     assert service["spec"]["selector"].items() <= labels.items()
     job_labels = one("Job")["spec"]["template"]["metadata"]["labels"]
     assert not service["spec"]["selector"].items() <= job_labels.items(), "selects export pods"
-    (port,) = service["spec"]["ports"]
-    assert port["port"] == 8000
-    assert container_port(serving_container(deployment), port["targetPort"]) == 8000
+    http, grpc = service["spec"]["ports"]
+    assert http["port"] == 8000
+    assert container_port(serving_container(deployment), http["targetPort"]) == 8000
+    assert (grpc["port"], grpc["appProtocol"]) == (8001, "kubernetes.io/h2c")
+    assert container_port(serving_container(deployment), grpc["targetPort"]) == 8001
+
+
+def test_tokens_come_from_a_secret_never_from_a_value() -> None:
+    container = serving_container(one("Deployment"))
+    env = {e["name"]: e for e in container["env"]}
+    assert env[ENV_PREFIX + "GRPC_PORT"]["value"] == "8001"
+    token = env[ENV_PREFIX + "INFERENCE_TOKEN"]
+    assert "value" not in token
+    assert token["valueFrom"]["secretKeyRef"]["name"] == "resnet-serve-tokens"
+    for path, doc in documents():
+        for spec in [pod_spec(doc)] if doc["kind"] in {"Deployment", "Job"} else []:
+            for c in spec["containers"]:
+                plain = [
+                    e["name"] for e in c.get("env", []) if "TOKEN" in e["name"] and "value" in e
+                ]
+                assert not plain, f"{path}: token values in the manifest: {plain}"
 
 
 def test_env_vars_are_service_settings(tmp_path: Path) -> None:
@@ -243,6 +261,9 @@ def test_env_vars_are_service_settings(tmp_path: Path) -> None:
         values: dict[str, Any] = {}
         for e in container["env"]:
             field = e["name"][len(ENV_PREFIX) :].lower()
+            if "secretKeyRef" in e.get("valueFrom", {}):
+                values[field] = "a-secret-token-0123456789"  # the Secret's stand-in
+                continue
             values[field] = (
                 e["value"] if "value" in e else container["resources"]["requests"]["cpu"]
             )

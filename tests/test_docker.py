@@ -27,6 +27,7 @@ from .conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+COMPOSE_AUTH = ROOT / "docker-compose.auth.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKER_DIR = ROOT / "docker"
 PREFIX = "RESNET_SERVE_"
@@ -117,7 +118,8 @@ def test_api_serves_the_volume_read_only_on_port_8000(
     assert services["export"]["volumes"][0] == f"{volume}:{target}"
     assert env["RESNET_SERVE_HOST"] == "0.0.0.0"
     assert env["RESNET_SERVE_PORT"] == "8000"
-    assert [defaults(p) for p in api["ports"]] == ["8000:8000"]
+    assert env["RESNET_SERVE_GRPC_PORT"] == "8001"
+    assert [defaults(p) for p in api["ports"]] == ["8000:8000", "8001:8001"]
 
 
 def test_api_healthcheck_probes_readiness_and_restarts(services: dict[str, Any]) -> None:
@@ -141,6 +143,53 @@ def test_cpu_variant_drops_the_gpu(services: dict[str, Any]) -> None:
     }
 
 
+def test_auth_variant_passes_tokens_as_secrets_not_values(tmp_path: Path) -> None:
+    auth = load_compose(COMPOSE_AUTH)
+    api = auth["services"]["api"]
+    env = api["environment"]
+    assert not [k for k in env if k.endswith("_TOKEN")], "a token value in the compose file"
+    for name in api["secrets"]:
+        assert auth["secrets"][name] == {"file": f"./secrets/{name}"}
+        assert env[f"{PREFIX}{name.upper()}_FILE"] == f"/run/secrets/{name}"
+    assert "secrets/" in (ROOT / ".gitignore").read_text("utf-8").splitlines()
+    # What the service makes of it, with the mounted secrets' stand-ins.
+    from service.settings import Settings
+
+    files = {}
+    for name in api["secrets"]:
+        files[name] = tmp_path / name
+        files[name].write_text(f"{name}-0123456789abcdef\n")
+    settings = Settings(
+        model_repository=tmp_path,
+        inference_token_file=files["inference_token"],
+        management_token_file=files["management_token"],
+        model_control_mode=defaults(env[f"{PREFIX}MODEL_CONTROL_MODE"]),
+    )
+    assert settings.token("inference") == b"inference_token-0123456789abcdef"
+    assert settings.model_control_mode == "explicit"
+
+
+def test_compose_parser_accepts_the_auth_variant(tmp_path: Path) -> None:
+    binary = compose_binary()
+    project = tmp_path / "project"
+    project.mkdir()
+    for path in (COMPOSE, COMPOSE_AUTH):
+        (project / path.name).write_text(path.read_text("utf-8"))
+    (project / "secrets").mkdir()
+    for name in ("inference_token", "management_token"):
+        (project / "secrets" / name).write_text("t" * 32)
+    arguments = ["-f", COMPOSE.name, "-f", COMPOSE_AUTH.name, "config", "--format", "json"]
+    result = subprocess.run(
+        [binary, *arguments], cwd=project, capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("RESNET_", "API_"))},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    model = json.loads(result.stdout)
+    api = model["services"]["api"]
+    assert [s["source"] for s in api["secrets"]] == ["inference_token", "management_token"]
+    assert "t" * 32 not in result.stdout  # compose shows where secrets are, never what
+
+
 # --- every variable is one the service (or the export entrypoint) understands ---------------
 
 
@@ -159,7 +208,7 @@ def dockerfile_env() -> dict[str, str]:
 def compose_env() -> dict[str, str]:
     """Variables set in any service of the compose files, with their default values."""
     result: dict[str, str] = {}
-    for path in (COMPOSE, COMPOSE_CPU):
+    for path in (COMPOSE, COMPOSE_CPU, COMPOSE_AUTH):
         for service in load_compose(path)["services"].values():
             result.update({k: defaults(v) for k, v in service.get("environment", {}).items()})
     return result
@@ -361,7 +410,7 @@ def test_compose_parser_accepts_the_files_without_warnings(files: list[Path]) ->
     api, job = model["services"]["api"], model["services"]["export"]
     assert api["depends_on"]["export"]["condition"] == "service_completed_successfully"
     assert job["restart"] == "no"
-    assert [p["target"] for p in api["ports"]] == [8000]
+    assert [p["target"] for p in api["ports"]] == [8000, 8001]
     assert api["volumes"][0]["read_only"] is True
     assert api["volumes"][0]["source"] == job["volumes"][0]["source"] == "model-repository"
     devices = api["deploy"]["resources"]["reservations"].get("devices", [])
