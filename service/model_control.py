@@ -12,7 +12,7 @@ resolves its model after that instant gets the new version, one that resolved it
 the old version to its answer. The old version is released once its last request has finished
 (its queued images run on it). `/readyz` is not affected: the served set stays ready throughout.
 A version whose graph fails to load or warm is refused and logged; the old one keeps serving,
-and the same version is not tried again (a newer one is).
+and the poller does not try that version again (a newer one, or an explicit load, does).
 """
 
 from __future__ import annotations
@@ -85,10 +85,9 @@ class ModelControl:
                     row["state"] = "READY" if served.state == "ready" else served.state.upper()
                 else:
                     row["state"] = "UNAVAILABLE"
-                    reason = self.refused.get((name, version))
-                    row["reason"] = reason or ("not the newest" if version != max(versions) else "")
-                    if not row["reason"]:
-                        row["reason"] = "unloaded" if served is None else "not loaded yet"
+                    row["reason"] = self.refused.get((name, version)) or (
+                        "not loaded" if served is None else f"version {served.entry.version} serves"
+                    )
                 rows.append(row)
         return rows
 
