@@ -216,3 +216,28 @@ def test_sigterm_drains_accepted_grpc_calls(tiny: Service) -> None:
     client.close()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{tiny.url}/healthz", timeout=2)
+
+
+def test_a_full_queue_is_unavailable_on_grpc(tmp_path: Path) -> None:
+    """The batcher's bound holds for gRPC too: a call that does not fit is refused whole."""
+    write_tiny(tmp_path / "repo", "tiny")
+    flags = ("--max-queue-images=2", "--max-batch-size=2", "--max-images-per-request=2",
+             "--max-delay-ms=2000")  # fmt: skip
+    with Service(tmp_path / "repo", tmp_path / "server.log", *flags) as service:
+        service.wait_ready()
+        client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{service.grpc_port}")
+        answered = threading.Event()
+        client.async_infer(
+            "tiny", [bytes_input(sample_images(1))], lambda **_: answered.set()
+        )  # one image waits up to 2 s for a second one
+        service.wait_metric("resnet_serve_queue_depth_images", lambda v: v == 1)
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("tiny", [bytes_input(sample_images(2, seed=1))])
+        assert caught.value.status() == "StatusCode.UNAVAILABLE"
+        assert "max_queue_images" in caught.value.message()
+        assert answered.wait(30)
+        assert (
+            service.metric("resnet_serve_requests_total", endpoint="grpc_infer", status="503") == 1
+        )
+        client.close()
+        assert service.terminate() == 0
