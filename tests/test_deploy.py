@@ -225,7 +225,6 @@ def test_service_selects_the_deployment_pods() -> None:
 def test_tokens_come_from_a_secret_never_from_a_value() -> None:
     container = serving_container(one("Deployment"))
     env = {e["name"]: e for e in container["env"]}
-    assert env[ENV_PREFIX + "GRPC_PORT"]["value"] == "8001"
     token = env[ENV_PREFIX + "INFERENCE_TOKEN"]
     assert "value" not in token
     assert token["valueFrom"]["secretKeyRef"]["name"] == "resnet-serve-tokens"
