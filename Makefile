@@ -73,7 +73,7 @@ bench-ablations: venv
 
 # Hostile input, overload, soak, faults, SIGTERM: docs/reliability.md (~3.5 min on 2 cores).
 reliability: venv
-	$(BIN)/python -m reliability all --out reliability-results
+	$(BIN)/python -m tests.reliability all --out reliability-results
 
 clean:
 	rm -rf $(REPO) bench-results reliability-results

@@ -9,39 +9,68 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, Self, get_args
 
 import numpy as np
 import onnxruntime as ort
 
-if TYPE_CHECKING:
-    from .openvino_engine import OpenVINOEngine
+from .repository import EngineName
+from .settings import CPU, CUDA, Settings
 
 log = logging.getLogger(__name__)
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
+__all__ = ["CPU", "CUDA", "Engine", "EngineConfig", "EngineError", "OrtEngine", "create_engine"]
 
 
 class EngineError(RuntimeError):
     """A session could not be created as configured (missing provider, unreadable graph)."""
 
 
+class Engine(Protocol):
+    """What serving and the exporter's gates need of an engine (`OrtEngine`, `OpenVINOEngine`)."""
+
+    provider: str
+    providers: list[str]
+    io_binding: bool
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Outputs (float32, in the metadata's output order) for a float32 batch [N, C, H, W]."""
+        ...
+
+
+def _default(field: str) -> Any:
+    """The service's default for a session setting: one default, in `Settings`."""
+    return Settings.model_fields[field].default
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """How sessions are built. `providers="auto"` means CUDA first when present, then CPU."""
+    """How sessions are built. `providers="auto"` means CUDA first when present, then CPU.
+    Defaults are the service's (`Settings`); the exporter's gates use them too."""
 
     providers: tuple[str, ...] | str = "auto"
-    require_cuda: bool = False
-    intra_op_threads: int = 0  # 0: one per available core
+    require_cuda: bool = _default("require_cuda")
+    intra_op_threads: int = _default("intra_op_threads")  # 0: one per available core
     inter_op_threads: int = 1
-    allow_spinning: bool = True
+    allow_spinning: bool = _default("allow_spinning")
     graph_optimization: str = "all"  # disable | basic | extended | all
-    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # EXHAUSTIVE | HEURISTIC | DEFAULT
+    cudnn_conv_algo_search: str = _default("cudnn_conv_algo_search")
     cuda_device_id: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        """How the service builds sessions (the benchmark builds them the same way)."""
+        return cls(
+            providers=settings.provider_list,
+            require_cuda=settings.require_cuda,
+            intra_op_threads=settings.intra_op_threads,
+            allow_spinning=settings.allow_spinning,
+            cudnn_conv_algo_search=settings.cudnn_conv_algo_search,
+        )
 
 
 _OPT_LEVELS = {
@@ -180,8 +209,8 @@ def create_session(model_path: str | Path, config: EngineConfig) -> ort.Inferenc
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-class Engine:
-    """One session for one graph, checked against the metadata it is served with.
+class OrtEngine:
+    """One onnxruntime session for one graph, checked against the metadata it is served with.
 
     On CUDA, inputs and outputs go through IO binding: the batch is copied to the device once and
     outputs are allocated there by onnxruntime, instead of the implicit copies and host-side
@@ -249,18 +278,22 @@ class Engine:
 
 
 def warm(
-    engine: Engine | OpenVINOEngine, batch_sizes: Iterable[int], input_shape: tuple[int, ...]
+    engine: Engine,
+    batch_sizes: Iterable[int],
+    input_shape: tuple[int, ...],
+    *,
+    stop: threading.Event | None = None,
 ) -> list[int]:
     """Run every batch size once, so that no request pays for a first run (cuDNN's algorithm
-    search, memory arena growth); the sizes warmed."""
+    search, memory arena growth); the sizes warmed. Once `stop` is set, no further size starts
+    (a SIGTERM during a long CUDA warm-up waits for one run, not for all of them)."""
     warmed = []
     for size in batch_sizes:
+        if stop is not None and stop.is_set():
+            break
         engine.run(np.zeros((size, *input_shape), dtype=np.float32))
         warmed.append(size)
     return warmed
-
-
-ENGINES = ("onnxruntime", "openvino")
 
 
 def create_engine(
@@ -272,11 +305,11 @@ def create_engine(
     input_name: str,
     output_names: list[str],
     input_shape: tuple[int, ...],
-) -> Engine | OpenVINOEngine:
+) -> Engine:
     """The engine a model's metadata asks for: onnxruntime (fp32, int8; CPU or CUDA) or OpenVINO
     (bf16 on the CPU). Both offer `run`, `provider`, `providers` and `io_binding`."""
     if engine == "onnxruntime":
-        return Engine(
+        return OrtEngine(
             model_path,
             config,
             input_name=input_name,
@@ -296,4 +329,6 @@ def create_engine(
             output_names=output_names,
             input_shape=input_shape,
         )
-    raise EngineError(f"{model_path}: unknown engine {engine!r}; choose one of {ENGINES}")
+    raise EngineError(
+        f"{model_path}: unknown engine {engine!r}; choose one of {get_args(EngineName)}"
+    )

@@ -12,7 +12,7 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .auth import AccessPolicy
-    from .serving import ModelServer
+    from .serving import DataPlane
     from .tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def grpc_wanted(settings: Settings) -> bool:
 
 async def start_grpc(
     settings: Settings,
-    server: ModelServer,
+    server: DataPlane,
     access: AccessPolicy,
     tracing: Tracing,
     *,

@@ -38,7 +38,7 @@ from .settings import Settings
 from .tracing import Tracing
 
 if TYPE_CHECKING:
-    from .serving import ModelServer, ServedModel
+    from .serving import DataPlane, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,11 @@ def status_code(error: ServiceError) -> grpc.StatusCode:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The KServe v2 RPCs over one ModelServer."""
+    """The KServe v2 RPCs over one DataPlane."""
 
     def __init__(
         self,
-        server: ModelServer,
+        server: DataPlane,
         access: AccessPolicy,
         tracing: Tracing,
         *,
@@ -115,14 +115,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         with self.tracing.receive("ModelInfer", metadata, protocol="grpc") as span:
             try:
-                async with server.request(request.model_name, ENDPOINT) as served:
-                    entry = _check_version(served, request.model_version).entry
+                async with server.request(request.model_name, ENDPOINT) as call:
+                    entry = _check_version(call.model, request.model_version).entry
                     span.set_model(entry.name, entry.version)
                     parsed = _parse(request, entry, server.settings)
                     if parsed.images is not None:
-                        logits, embeddings = await server.infer_tensors(served, parsed.images)
+                        logits, embeddings = await call.infer_tensors(parsed.images)
                     else:
-                        logits, embeddings = await server.infer(served, parsed.blobs)
+                        logits, embeddings = await call.infer(parsed.blobs)
                 return _response(entry, request, parsed, logits, embeddings)
             except ServiceError as exc:
                 await _abort(context, exc)
@@ -236,7 +236,7 @@ def _response(
 
 async def serve(
     settings: Settings,
-    server: ModelServer,
+    server: DataPlane,
     access: AccessPolicy,
     tracing: Tracing,
     *,

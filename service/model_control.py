@@ -30,7 +30,7 @@ from starlette.responses import Response
 from .errors import OIP_PREFIX, ModelNotFoundError, ServiceError
 from .repository import ModelEntry, RepositoryError, load_entry, version_numbers
 from .schemas import JSONResponse
-from .serving import ModelServer, ServedModel
+from .serving import DataPlane, ServedModel
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,9 @@ class ModelLoadError(ServiceError):
 
 
 class ModelControl:
-    """Loads, swaps and unloads model versions of one ModelServer while it serves."""
+    """Loads, swaps and unloads model versions of one DataPlane while it serves."""
 
-    def __init__(self, server: ModelServer, settings: Settings) -> None:
+    def __init__(self, server: DataPlane, settings: Settings) -> None:
         self.server, self.settings = server, settings
         self.mode = settings.model_control_mode
         self.root: Path = settings.model_repository
@@ -92,7 +92,7 @@ class ModelControl:
         return rows
 
     async def _poll(self) -> None:
-        # The versions found at start load first (ModelServer.start); then watch for new ones.
+        # The versions found at start load first (DataPlane.start); then watch for new ones.
         while not self.server.ready and self.server.fatal is None:
             await asyncio.sleep(0.05)
         while True:

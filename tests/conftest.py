@@ -26,7 +26,7 @@ CIFAR_CHECKPOINT_FILES = {
 @pytest.fixture(autouse=True)
 def _no_default_grpc_port(monkeypatch: pytest.MonkeyPatch) -> None:
     """Apps built in process serve no gRPC unless a test asks (the default, 8001, would clash
-    between tests and with anything else on this machine); reliability.harness.Service gives
+    between tests and with anything else on this machine); bench.launcher.Service gives
     its process a free port."""
     monkeypatch.setenv("RESNET_SERVE_GRPC_PORT", "0")
 

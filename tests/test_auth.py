@@ -10,9 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from reliability.graphs import write_tiny
-from reliability.harness import Service, solid
+from bench.launcher import Service
 
+from .reliability.graphs import write_tiny
+from .reliability.images import solid
 from .service_helpers import service_cli
 
 INFERENCE = "inference-token-0123456789abcdef"

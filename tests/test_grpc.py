@@ -14,10 +14,11 @@ import httpx
 import numpy as np
 import pytest
 
-from reliability.graphs import write_tiny
-from reliability.harness import Service, sample_images
+from bench.launcher import Service
 
 from .conftest import require
+from .reliability.graphs import write_tiny
+from .reliability.images import sample_images
 from .service_helpers import export, multipart
 from .test_oip import MODEL, SAMPLES, TOLERANCE, preprocessed, softmax
 

@@ -15,10 +15,12 @@ from typing import Any
 import httpx
 import pytest
 
-from reliability import judge
-from reliability.graphs import tiny_graph, write_entry, write_tiny
-from reliability.harness import Service, solid
-from reliability.swap import swap_under_load, write_version_atomically
+from bench.launcher import Service
+
+from .reliability import judge
+from .reliability.graphs import tiny_graph, write_entry, write_tiny
+from .reliability.images import solid
+from .reliability.swap import swap_under_load, write_version_atomically
 
 TOKEN = "management-token-0123456789abcdef"
 MANAGE = {"authorization": f"Bearer {TOKEN}"}

@@ -12,10 +12,11 @@ import httpx
 import pytest
 from hypothesis import given, settings
 
-from reliability.fuzz import protocol_cases, run_case
-from reliability.graphs import write_tiny
-from reliability.harness import Service
-from reliability.hostile import HostileBody, hostile_bodies
+from bench.launcher import Service
+
+from .reliability.fuzz import protocol_cases, run_case
+from .reliability.graphs import write_tiny
+from .reliability.hostile import HostileBody, hostile_bodies
 
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "reliability-ci"))
 TOKEN = "fuzz-token-0123456789abcdef0123"

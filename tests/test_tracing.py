@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from reliability.graphs import write_tiny
-from reliability.harness import Service, free_port, sample_images, solid
+from bench.launcher import Service, free_port
 from service.api import create_app
 from service.settings import Settings
 
 from .conftest import ROOT
+from .reliability.graphs import write_tiny
+from .reliability.images import sample_images, solid
 from .service_helpers import wait_ready
 
 sdk_export = pytest.importorskip("opentelemetry.sdk.trace.export.in_memory_span_exporter")

@@ -18,8 +18,10 @@ from typing import Any
 
 import httpx
 
+from bench.launcher import Service
+
 from .graphs import tiny_graph, write_entry
-from .harness import Service, solid
+from .images import solid
 
 
 def write_version_atomically(

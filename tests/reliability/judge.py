@@ -202,7 +202,7 @@ def fuzz(result: dict[str, Any]) -> list[Check]:
 
 
 def swap(result: dict[str, Any]) -> list[Check]:
-    """A live model update under load (reliability/swap.py), per trigger (poll, explicit)."""
+    """A live model update under load (tests/reliability/swap.py), per trigger (poll, explicit)."""
     checks = []
     for how, r in result.items():
         checks += [
