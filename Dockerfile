@@ -49,13 +49,14 @@ COPY docker/constraints.txt docker/
 FROM base AS requirements
 COPY pyproject.toml ./
 COPY docker/requirements.py docker/
-RUN python docker/requirements.py gpu > serve-gpu.txt \
-    && python docker/requirements.py cpu > serve-cpu.txt \
+RUN python docker/requirements.py gpu grpc tracing > serve-gpu.txt \
+    && python docker/requirements.py cpu grpc tracing > serve-cpu.txt \
     && python docker/requirements.py cpu export > export.txt
 
 FROM base AS serve
 # gpu: onnxruntime-gpu[cuda,cudnn] (CUDA 13 runtime, cuBLAS, cuDNN as pip wheels);
-# cpu: onnxruntime. The build fails if torch slipped in through some dependency.
+# cpu: onnxruntime. Both with the gRPC protocol (port 8001) and OpenTelemetry tracing. The
+# build fails if torch slipped in through some dependency.
 ARG RUNTIME=gpu
 RUN case "${RUNTIME}" in gpu|cpu) ;; *) echo "RUNTIME must be gpu or cpu" >&2; exit 1 ;; esac
 COPY --from=requirements /app/serve-${RUNTIME}.txt /tmp/requirements.txt
@@ -71,7 +72,7 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     RESNET_SERVE_HOST=0.0.0.0 \
     RESNET_SERVE_PORT=8000
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 # A 2 s interval: healthy within 2 s of ready (start_interval needs Engine >= 25); the probe
 # is a bare interpreter (-I -S: no site-packages), about 10 ms of CPU.
 HEALTHCHECK --interval=2s --timeout=5s --start-period=10m --retries=3 \

@@ -314,7 +314,7 @@ def test_dockerfile_targets_install_dependencies_before_code_and_run_unprivilege
         assert lines[-1].startswith("ENTRYPOINT")
     serve = " ".join(all_stages["serve"])
     assert "HEALTHCHECK" in serve and "/readyz" in serve
-    assert "EXPOSE 8000" in serve
+    assert "EXPOSE 8000 8001" in serve
     assert "torch" not in serve.replace("find_spec('torch')", "")
 
 
@@ -327,13 +327,23 @@ def requirements(extras: list[str]) -> list[str]:
     return module.requirements(extras)
 
 
+def image_extras() -> dict[str, list[str]]:
+    """The extras each image installs, as the Dockerfile's requirements stage lists them."""
+    found = re.findall(r"docker/requirements\.py ([\w ]+?) > ([\w-]+)\.txt", DOCKERFILE.read_text())
+    return {name: extras.split() for extras, name in found}
+
+
 def test_serve_image_has_no_torch_and_onnxruntime_gpu_with_cuda_wheels() -> None:
-    gpu = {Requirement(r).name: Requirement(r) for r in requirements(["gpu"])}
-    cpu = {Requirement(r).name for r in requirements(["cpu"])}
-    export = {Requirement(r).name for r in requirements(["cpu", "export"])}
+    extras = image_extras()
+    assert set(extras) == {"serve-gpu", "serve-cpu", "export"}
+    gpu = {Requirement(r).name: Requirement(r) for r in requirements(extras["serve-gpu"])}
+    cpu = {Requirement(r).name for r in requirements(extras["serve-cpu"])}
+    export = {Requirement(r).name for r in requirements(extras["export"])}
     assert "torch" not in gpu and "torch" not in cpu and "torch" in export
     assert gpu["onnxruntime-gpu"].extras == {"cuda", "cudnn"}
     assert "onnxruntime" in cpu and "onnxruntime-gpu" not in cpu
+    for serve in (set(gpu), cpu):  # gRPC and tracing answer in the containers
+        assert {"grpcio", "tritonclient", "opentelemetry-sdk"} <= serve
 
 
 def test_every_installed_requirement_is_pinned() -> None:
@@ -344,7 +354,7 @@ def test_every_installed_requirement_is_pinned() -> None:
             (specifier,) = requirement.specifier
             assert specifier.operator == "==", line
             pins[canonicalize_name(requirement.name)] = specifier.version
-    for extras in (["gpu"], ["cpu"], ["cpu", "export"]):
+    for extras in image_extras().values():
         for line in requirements(extras):
             requirement = Requirement(line)
             version = pins.get(canonicalize_name(requirement.name))

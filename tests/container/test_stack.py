@@ -64,6 +64,7 @@ def phase(name: str, seconds: float) -> None:
 @dataclass
 class Stack:
     port: int
+    grpc_port: int
     env: dict[str, str]
 
     @property
@@ -116,16 +117,17 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RESNET_SERVE_", "EXPORT_"))}
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env.update(
         COMPOSE_PROJECT_NAME=PROJECT,
         API_BIND="127.0.0.1",
         API_PORTS=str(port),
+        API_GRPC_PORTS=str(grpc_port),
         EXPORT_ARCHS=MODEL,
         EXPORT_PRETRAINED="never",
         RESNET_SERVE_MAX_QUEUE_IMAGES="4096",
     )
-    stack = Stack(port, env)
+    stack = Stack(port, grpc_port, env)
     stack.compose("down", "-v", "--remove-orphans")  # what an interrupted earlier run left
     phase("first `up -d --wait` (export job, then api healthy)", stack.up())
     try:
@@ -199,14 +201,21 @@ def test_embed_returns_64_dimensional_vectors(stack: Stack) -> None:
     assert vectors.shape == (4, 64) and np.isfinite(vectors).all()
 
 
-def test_open_inference_protocol_agrees_with_classify(stack: Stack) -> None:
-    import tritonclient.http as triton
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_open_inference_protocol_agrees_with_classify(stack: Stack, protocol: str) -> None:
+    """`/v2/.../infer` over HTTP (port 8000) and ModelInfer over gRPC (port 8001)."""
+    if protocol == "http":
+        import tritonclient.http as triton
 
+        oip = triton.InferenceServerClient(url=f"127.0.0.1:{stack.port}")
+    else:
+        import tritonclient.grpc as triton
+
+        oip = triton.InferenceServerClient(url=f"127.0.0.1:{stack.grpc_port}")
     samples = sample_blobs()
     blobs = [blob for blob, _ in samples]
     with httpx.Client(timeout=60) as client:
         expected = classify(client, stack.url, blobs, top_k=10)
-    oip = triton.InferenceServerClient(url=f"127.0.0.1:{stack.port}")
     assert oip.is_model_ready(MODEL)
     image = triton.InferInput("image_bytes", [len(blobs)], "BYTES")
     image.set_data_from_numpy(np.array(blobs, dtype=np.object_))
