@@ -4,18 +4,21 @@ relies on (`handle_exit`, `on_tick`) still take effect with the installed uvicor
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import uvicorn
+from PIL import Image
 
 from bench.launcher import poll_until
 from service.__main__ import DrainingServer
 from service.api import create_app
 from service.settings import Settings
 
+from .reliability.images import encode_image
 from .service_helpers import write_tiny_model
 
 
@@ -52,3 +55,34 @@ def test_without_a_drain_delay_a_stop_signal_closes_at_once(tmp_path: Path) -> N
     assert server.should_exit
     thread.join(60)
     assert not thread.is_alive()
+
+
+def test_a_request_on_a_connection_accepted_before_the_stop_is_answered(tmp_path: Path) -> None:
+    """A client that connected just before the listener closed, and sends its request just
+    after, still gets its answer: the connection was accepted, so the request is not lost."""
+    server, thread, url = _start(tmp_path, 0)
+    port = int(url.rsplit(":", 1)[1])
+    body = encode_image(Image.new("RGB", (8, 8), "red"), "PNG")
+    request = (
+        f"POST /classify?model=tiny HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as accepted:
+        poll_until(lambda: len(server.server_state.connections) == 1, 30, "accepted")
+        server.handle_exit(signal.SIGTERM, None)
+        poll_until(lambda: not _listening(port), 30, "listener closed")
+        accepted.sendall(request)
+        answer = b""
+        while chunk := accepted.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    thread.join(60)
+    assert not thread.is_alive()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
