@@ -21,6 +21,7 @@ import numpy as np
 from .batcher import Batcher
 from .engine import (
     CUDA,
+    GPU_PROVIDERS,
     Engine,
     EngineConfig,
     EngineError,
@@ -36,8 +37,8 @@ from .errors import (
     RequestTimeoutError,
     ServiceError,
 )
+from .gpu_decode import image_preprocessor
 from .metrics import Metrics
-from .preprocess import preprocess_into
 from .repository import ModelEntry, scan_repository
 from .settings import Settings
 
@@ -57,6 +58,14 @@ def engine_config(settings: Settings) -> EngineConfig:
         intra_op_threads=settings.intra_op_threads,
         allow_spinning=settings.allow_spinning,
         cudnn_conv_algo_search=settings.cudnn_conv_algo_search,
+        io_binding=settings.io_binding,
+        cuda_tf32=settings.cuda_tf32,
+        cuda_graph=settings.cuda_graph,
+        tensorrt=settings.tensorrt,
+        tensorrt_cache_dir=(
+            str(settings.tensorrt_cache_dir) if settings.tensorrt_cache_dir else None
+        ),
+        max_batch_size=settings.max_batch_size,
     )
 
 
@@ -92,10 +101,11 @@ class ServedModel:
         self.batcher: Batcher | None = None
         self.warmed: list[int] = []
 
-    def warmup_sizes(self, provider: str) -> list[int]:
-        """Every size the batcher can form on CUDA (a new shape can cost seconds there); on CPU
-        onnxruntime has no per-shape setup worth paying for, so the extremes are enough."""
-        if provider == CUDA:
+    def warmup_sizes(self, provider: str, mode: str = "auto") -> list[int]:
+        """Every size the batcher can form on a GPU (a new shape can cost seconds there: cuDNN's
+        algorithm search, a CUDA graph capture); on CPU onnxruntime has no per-shape setup worth
+        paying for, so the extremes are enough. `mode` (warmup_batch_sizes) overrides."""
+        if mode == "all" or (mode == "auto" and provider in GPU_PROVIDERS):
             return list(range(1, self.max_batch_size + 1))
         return sorted({1, self.max_batch_size})
 
@@ -125,8 +135,39 @@ class ServedModel:
             "max_delay_ms": settings.max_delay_ms,
             "max_queue_images": settings.max_queue_images,
             "warmed_batch_sizes": self.warmed,
+            "gpu": gpu_facts(settings, engine),
             "metadata": entry.metadata,
         }
+
+
+def gpu_facts(settings: Settings, engine: Engine | OpenVINOEngine | None) -> dict[str, Any]:
+    """The settings that only matter on a GPU, and what the engine made of them."""
+    return {
+        "io_binding_setting": settings.io_binding,
+        "warmup_batch_sizes_setting": settings.warmup_batch_sizes,
+        "cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
+        "cuda_tf32": settings.cuda_tf32,
+        "cuda_graph": settings.cuda_graph,
+        "cuda_graph_in_use": bool(getattr(engine, "cuda_graph", False)),
+        "tensorrt": settings.tensorrt,
+        "jpeg_decoder": settings.jpeg_decoder,
+        "allow_fp16_on_cpu": settings.allow_fp16_on_cpu,
+        "bound_batch_sizes": list(getattr(engine, "bound_batch_sizes", [])),
+    }
+
+
+def check_fp16_device(entry: ModelEntry, provider: str, settings: Settings) -> None:
+    """An fp16 export is made and gated for CUDA; on the CPU provider onnxruntime computes
+    many fp16 operators in float32 behind inserted casts, so it differs from what was gated
+    and is refused unless `allow_fp16_on_cpu`."""
+    if entry.precision != "fp16" or provider in GPU_PROVIDERS or settings.allow_fp16_on_cpu:
+        return
+    gate = entry.metadata.get("precision_gate") or {}
+    raise EngineError(
+        f"model {entry.name} v{entry.version} is fp16 (gated on {gate.get('device', '?')}) and "
+        f"would run on {provider}: serve it on a GPU, or pass --allow-fp16-on-cpu "
+        "(RESNET_SERVE_ALLOW_FP16_ON_CPU=true) to accept CPU fp16 arithmetic"
+    )
 
 
 class ModelServer:
@@ -144,6 +185,9 @@ class ModelServer:
                 f"default_model {settings.default_model!r} is not in the repository "
                 f"(models: {sorted(entries)})"
             )
+        for entry in entries.values():
+            check_fp16_device(entry, self.providers[0], settings)
+        self.preprocess_into = image_preprocessor(settings.jpeg_decoder)
         self.models = {name: ServedModel(entry, settings) for name, entry in entries.items()}
         self.draining = False
         self.fatal: str | None = None
@@ -217,7 +261,8 @@ class ModelServer:
         entry, started = model.entry, time.monotonic()
         engine = await asyncio.to_thread(open_entry, entry, self.engine_config)
         model.engine = engine
-        if CUDA in self.providers and engine.provider != CUDA:
+        check_fp16_device(entry, engine.provider, self.settings)
+        if CUDA in self.providers and engine.provider not in GPU_PROVIDERS:
             log.warning(
                 "model %s runs on %s although CUDA is available", entry.name, engine.provider
             )
@@ -229,7 +274,7 @@ class ModelServer:
             engine.providers,
             engine.io_binding,
         )
-        sizes = model.warmup_sizes(engine.provider)
+        sizes = model.warmup_sizes(engine.provider, self.settings.warmup_batch_sizes)
         model.warmed = await asyncio.to_thread(warm, engine, sizes, entry.input_shape)
         model.batcher = Batcher(
             entry.name,
@@ -350,7 +395,7 @@ class ModelServer:
     def _preprocess(self, model: ServedModel, index: int, blob: bytes, out: np.ndarray) -> None:
         start = time.monotonic()
         try:
-            preprocess_into(
+            self.preprocess_into(
                 blob, model.entry.preprocessing, out, max_pixels=self.settings.max_image_pixels
             )
         except ServiceError as exc:
