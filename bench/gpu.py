@@ -5,7 +5,8 @@
 2. `export`: ImageNet ResNet-18..152 exported with `--max-batch-size 128` (the exporter's parity
    gate then runs onnxruntime on the GPU against PyTorch; the device is in metadata
    `parity.device`), and each again at fp16 through the precision gate on the GPU.
-3. `engine`: latency per depth at batch 1/8/32/128, fp32 and fp16, through the service's engine.
+3. `engine`: latency per depth at batch 1/8/32/128, fp32 and fp16, through the service's engine;
+   PyTorch eager on the same GPU interleaved with the fp32 rows when this torch build has CUDA.
 4. `http`: ResNet-50 fp32 over HTTP at concurrency 64 and 256; the service and the load
    generator on disjoint cores (`--client-cores`, default 2 of a 16-core host).
 5. Variants that only a GPU can judge, each off by default in the service: `cuda-graph`
@@ -15,6 +16,8 @@
    package is missing is recorded as skipped with the reason; it does not fail the run.
 
 Steps 1-4 failing fail the run (exit 1); every step that ran is in results.json/results.md.
+The step functions take their provider from their arguments, so that CI runs them on CPU
+stand-ins (tests/test_gpu_path.py); `run_gpu_check` itself refuses a host without CUDA.
 """
 
 from __future__ import annotations
@@ -50,8 +53,12 @@ class GpuCheckOptions:
     concurrency: tuple[int, ...] = (64, 256)
     client_cores: int = 2
     http_max_batch_size: int = 64
+    http_model: str = HTTP_MODEL
+    http_requests: int | None = None  # per level; default max(2000, 8 x concurrency)
     budget_s: float = 570.0  # the whole run, 10 minutes with room to write results
     seed: int = 0
+    # Where parity and gates must have run; CI runs these steps on CPU stand-ins with (CPU,).
+    devices: tuple[str, ...] = (CUDA, TENSORRT)
 
 
 def require_cuda() -> list[str]:
@@ -245,9 +252,16 @@ def export_all(options: GpuCheckOptions, repo: Path, precision: str) -> dict[str
             }
         )
         device = gate.get("device") if precision != "fp32" else parity.get("device")
-        if device not in (CUDA, TENSORRT):
-            raise RuntimeError(f"{result.name}: the gate ran on {device}, not on the GPU")
+        if device not in options.devices:
+            raise RuntimeError(f"{result.name}: the gate ran on {device}, not on {options.devices}")
     return {"precision": precision, "models": rows}
+
+
+def torch_on_cuda() -> bool:
+    """Whether this torch build can run the PyTorch eager reference on the same GPU."""
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def engine_rows(
@@ -256,12 +270,14 @@ def engine_rows(
     batch_sizes: tuple[int, ...],
     overrides: dict[str, Any],
     warmup: int = 2,
+    compare_torch: bool = False,
 ) -> dict[str, Any]:
     from .engine import Budget, EngineOptions, run_engine
 
     options = EngineOptions(
         batch_sizes=batch_sizes,
         budget=Budget(iterations=50, warmup=warmup, min_iterations=5, max_seconds=2.0),
+        compare_torch=compare_torch,
     )
     settings = {"providers": "cuda", "require_cuda": True, "max_batch_size": max(batch_sizes)}
     return run_engine(repo, options, overrides={**settings, **overrides}, models=models)
@@ -278,6 +294,7 @@ def http_levels(
     from .images import load_images
 
     service_cpus, client_cpus = split_cpus(options.client_cores)
+    requests = options.http_requests or max(2000, 8 * max(concurrency))
     base = {
         "RESNET_SERVE_REQUIRE_CUDA": "true",
         "RESNET_SERVE_MAX_BATCH_SIZE": str(options.http_max_batch_size),
@@ -286,16 +303,16 @@ def http_levels(
     }
     http = HttpOptions(
         url=None,
-        model=HTTP_MODEL,
+        model=options.http_model,
         endpoint="classify",
         images=tuple(load_images(options.images)),
         images_per_request=1,
         concurrency=concurrency,
         rates=(),
-        requests=max(2000, 8 * max(concurrency)),
+        requests=requests,
         duration_s=30.0,
         timeout_s=60.0,
-        warmup_requests=2 * max(concurrency),
+        warmup_requests=min(requests, 2 * max(concurrency)),
         max_connections=max(concurrency),
         raw_body=False,
         client="wire",
@@ -310,8 +327,16 @@ def http_levels(
     return section
 
 
+def single_model_repository(repo: Path, dest: Path, model: str) -> Path:
+    """`dest` holding only `model` from `repo`, so that the service loads and warms it alone."""
+    shutil.copytree(repo / model, dest / model, dirs_exist_ok=True)
+    return dest
+
+
 def variant_cuda_graph(options: GpuCheckOptions, repo: Path) -> dict[str, Any]:
-    return engine_rows(repo, [HTTP_MODEL], options.batch_sizes, {"cuda_graph": True}, warmup=3)
+    return engine_rows(
+        repo, [options.http_model], options.batch_sizes, {"cuda_graph": True}, warmup=3
+    )
 
 
 def variant_tensorrt(options: GpuCheckOptions, repo: Path) -> dict[str, Any]:
@@ -319,7 +344,9 @@ def variant_tensorrt(options: GpuCheckOptions, repo: Path) -> dict[str, Any]:
 
     if TENSORRT not in ort.get_available_providers():
         raise SkippedError(f"onnxruntime {ort.__version__} has no {TENSORRT}")
-    return engine_rows(repo, [HTTP_MODEL], options.batch_sizes, {"tensorrt": True}, warmup=2)
+    return engine_rows(
+        repo, [options.http_model], options.batch_sizes, {"tensorrt": True}, warmup=2
+    )
 
 
 def variant_nvimgcodec(options: GpuCheckOptions, repo: Path, out: Path) -> dict[str, Any]:
@@ -354,19 +381,32 @@ def run_gpu_check(options: GpuCheckOptions) -> tuple[dict[str, Any], list[str]]:
         )
     if results.get("export_fp32") is not None:
         results["resnet50_vs_cpu"] = steps.run(
-            "resnet50_vs_cpu", lambda: prove_cuda(repo, HTTP_MODEL), required=True
+            "resnet50_vs_cpu", lambda: prove_cuda(repo, options.http_model), required=True
         )
         results["export_fp16"] = steps.run(
             "export_fp16", lambda: export_all(options, repo, "fp16"), required=True, min_s=60
         )
-        fp16 = [f"{a}_fp16" for a in options.archs] if results.get("export_fp16") else []
+        # PyTorch eager on the same GPU, interleaved, when this torch build has CUDA (the fp32
+        # rows only: the reference is the fp32 model).
+        torch_cuda = torch_on_cuda()
+        results["torch_reference"] = "cuda" if torch_cuda else "none: this torch has no CUDA"
         results["engine"] = steps.run(
             "engine",
-            lambda: engine_rows(repo, [*options.archs, *fp16], options.batch_sizes, {}),
+            lambda: engine_rows(
+                repo, list(options.archs), options.batch_sizes, {}, compare_torch=torch_cuda
+            ),
             required=True,
             min_s=60,
         )
-        shutil.copytree(repo / HTTP_MODEL, http_repo / HTTP_MODEL, dirs_exist_ok=True)
+        if results.get("export_fp16"):
+            fp16 = [f"{a}_fp16" for a in options.archs]
+            results["engine_fp16"] = steps.run(
+                "engine_fp16",
+                lambda: engine_rows(repo, fp16, options.batch_sizes, {}),
+                required=True,
+                min_s=40,
+            )
+        single_model_repository(repo, http_repo, options.http_model)
         results["http"] = steps.run(
             "http",
             lambda: http_levels(options, http_repo, out / "http", options.concurrency, {}),
@@ -387,7 +427,7 @@ def run_gpu_check(options: GpuCheckOptions) -> tuple[dict[str, Any], list[str]]:
             "tensorrt", lambda: variant_tensorrt(options, repo), required=False, min_s=120
         )
     failed = steps.failed(
-        ("cuda", "export_fp32", "resnet50_vs_cpu", "export_fp16", "engine", "http")
+        ("cuda", "export_fp32", "resnet50_vs_cpu", "export_fp16", "engine", "engine_fp16", "http")
     )
     return results, failed
 
@@ -457,7 +497,10 @@ def render_markdown(results: dict[str, Any], failed: list[str]) -> str:
                 f"{'-' if agreement is None else f'{agreement:.2%}'} | {row['seconds']} |"
             )
         lines += [""]
-    lines += ["## Engine latency per depth (fp32, fp16)", "", *_engine_md(results.get("engine"))]
+    lines += ["## Engine latency per depth, fp32", ""]
+    lines += [f"PyTorch eager reference: {results.get('torch_reference', '-')}.", ""]
+    lines += _engine_md(results.get("engine"))
+    lines += ["## Engine latency per depth, fp16", "", *_engine_md(results.get("engine_fp16"))]
     lines += ["## ResNet-50 over HTTP", "", *_http_md(results.get("http"))]
     lines += ["## Variant: CUDA graphs (ResNet-50)", "", *_engine_md(results.get("cuda_graph"))]
     lines += ["## Variant: TensorRT (ResNet-50)", "", *_engine_md(results.get("tensorrt"))]

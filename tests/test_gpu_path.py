@@ -395,3 +395,75 @@ def test_gpu_sessions_warm_every_size_and_may_serve_fp16(tmp_path: Path) -> None
     check_fp16_device(entry, CUDA, settings)  # served where it was made for: no refusal
     with pytest.raises(EngineError, match="--allow-fp16-on-cpu"):
         check_fp16_device(entry, CPU, settings)
+
+
+@cpu_build
+def test_gpu_check_steps_run_on_cpu_stand_ins(tmp_path: Path) -> None:
+    """`bench gpu`'s steps with the CPU provider where the GPU would be: export and gate, engine
+    rows, HTTP with split cores, the results files. On a GPU host the same functions get CUDA."""
+    from bench.gpu import (
+        GpuCheckOptions,
+        engine_rows,
+        export_all,
+        http_levels,
+        render_markdown,
+        single_model_repository,
+        write_results,
+    )
+    from bench.machine import machine_facts
+
+    options = GpuCheckOptions(
+        out=tmp_path,
+        images=require(PHOTOS),
+        weights_dir=tmp_path / "no-weights",
+        archs=("cifar_resnet20",),
+        batch_sizes=(1, 4),
+        concurrency=(2,),
+        client_cores=1,
+        http_max_batch_size=4,
+        http_model="cifar_resnet20",
+        http_requests=6,
+        devices=(CPU,),
+    )
+    repo = tmp_path / "repo"
+    exported = {p: export_all(options, repo, p) for p in ("fp32", "fp16")}
+    fp32_row, fp16_row = exported["fp32"]["models"][0], exported["fp16"]["models"][0]
+    assert (fp32_row["model"], fp32_row["parity_device"], fp32_row["parity_passed"]) == (
+        "cifar_resnet20",
+        CPU,
+        True,
+    )
+    assert (fp16_row["model"], fp16_row["gate_device"]) == ("cifar_resnet20_fp16", CPU)
+    assert fp16_row["gate_top1_agreement"] >= 0.95
+
+    cpu = {"providers": "cpu", "require_cuda": False}
+    engine = engine_rows(repo, ["cifar_resnet20", "cifar_resnet20_fp16"], (1, 4), cpu, warmup=1)
+    rows = [(r["model"], r["batch_size"], r["providers"][0]) for r in engine["rows"]]
+    assert sorted(rows) == sorted(
+        (m, b, CPU) for m in ("cifar_resnet20", "cifar_resnet20_fp16") for b in (1, 4)
+    )
+
+    env = {"RESNET_SERVE_REQUIRE_CUDA": "false", "RESNET_SERVE_PROVIDERS": "cpu"}
+    http_repo = single_model_repository(repo, tmp_path / "http-repo", "cifar_resnet20")
+    http = http_levels(options, http_repo, tmp_path / "http", (2,), env)
+    (level,) = http["closed"]
+    assert level["statuses"] == {"200": 6} and level["concurrency"] == 2
+    assert set(http["cpus"]["service"]).isdisjoint(http["cpus"]["client"])
+    assert http["service_env"]["RESNET_SERVE_MAX_BATCH_SIZE"] == "4"
+
+    results: dict[str, Any] = {
+        "steps": {"export_fp32": {"status": "ok", "seconds": 1.0}},
+        "export_fp32": exported["fp32"],
+        "export_fp16": exported["fp16"],
+        "engine": engine,
+        "http": http,
+        "machine": machine_facts(),
+        "command": "test",
+    }
+    written = write_results(tmp_path / "results", results, [])
+    assert [p.name for p in written] == ["results.json", "results.md"]
+    markdown = render_markdown(results, [])
+    assert "Verdict: all required steps passed." in markdown
+    assert f"| cifar_resnet20_fp16 | {CPU} |" in markdown
+    assert "| cifar_resnet20 | 20 | 0.27 | 0.041 | 4 |" in markdown
+    assert "| 2 | 6 | 1 |" in markdown  # the HTTP level: concurrency, requests, images/request
