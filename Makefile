@@ -7,7 +7,7 @@ WEIGHTS ?= weights
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve export test lint bench bench-ablations reliability gpu-check clean
+.PHONY: venv serve export test test-docker lint bench bench-ablations reliability gpu-check clean
 
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: venv
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The real stack on a real Docker engine (installed and started if absent, stopped after): the
+# images built from this Dockerfile with no registry, `docker compose up`, checks from the host.
+test-docker: venv
+	PYTHON=$(BIN)/python tests/container/run.sh
 
 # The README's figures: latency per depth (paper preset, PyTorch side by side), then ResNet-50
 # fp32 / bf16 / int8 in process (JPEG decoding included) and over HTTP at concurrency 1-32.

@@ -72,6 +72,11 @@ def require_cuda() -> list[str]:
             "gpu-check needs an NVIDIA GPU and onnxruntime-gpu (pip install -e '.[gpu,export,"
             "bench]', without the CPU onnxruntime)"
         )
+    from service.engine import cuda_devices
+
+    devices, reason = cuda_devices()
+    if not devices:
+        raise NoGpuError(f"no CUDA GPU here: {reason}")
     return available
 
 

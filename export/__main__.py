@@ -21,7 +21,7 @@ from models.registry import PAPER_SET, get_spec
 from .exporter import DEFAULT_MAX_BATCH_SIZE, ExportRequest, export_model
 from .parity import Tolerances
 from .precision import PRECISIONS
-from .weights import find_checkpoint
+from .weights import Pretrained, resolve_weights
 
 PRESETS = {
     "paper": PAPER_SET,
@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  python -m export cifar_resnet20 --weights resnet20-12fca82f.th --out repo\n"
             "  python -m export resnet50 --weights random:0 --out model_repository\n"
-            "  python -m export --preset paper --weights-dir weights --out model_repository"
+            "  python -m export resnet50 --out model_repository   # official weights, else random\n"
+            "  python -m export --preset paper --weights-dir weights --out model_repository\n"
+            "  python -m export --archs cifar_resnet20,resnet18 --pretrained never --out repo"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--weights",
         help="checkpoint path, random or random:SEED (untrained, for benchmarks), or an official "
-        "keyword such as torchvision (downloaded once with a hash check)",
+        "keyword such as torchvision (downloaded once with a hash check); default: a checkpoint "
+        "in --weights-dir, else official weights as --pretrained says, else random:SEED",
     )
     parser.add_argument("--out", required=True, type=Path, help="model repository directory")
     parser.add_argument("--name", help="model name in the repository (default: the arch)")
@@ -107,12 +110,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         help="export a whole set (paper: ImageNet 18-152 and CIFAR 20-110; imagenet or cifar: "
-        "half of it); uses checkpoints found "
-        "in --weights-dir, random weights otherwise, and skips versions already present with "
-        "the same weights",
+        "half of it): checkpoints found in --weights-dir, else official weights (--pretrained), "
+        "else random ones; versions already present with the same weights are skipped",
     )
     parser.add_argument(
-        "--weights-dir", type=Path, default=Path("weights"), help="checkpoints for --preset"
+        "--archs",
+        help="comma-separated architectures exported with the preset's rules (instead of --preset)",
+    )
+    parser.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=Path("weights"),
+        help="checkpoints picked by file name when --weights is not given (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pretrained",
+        choices=[p.value for p in Pretrained],
+        default=Pretrained.AUTO.value,
+        help="where no checkpoint is found: auto downloads the official weights (torchvision, or "
+        "the published CIFAR-10 ones) and falls back to seeded random weights with a warning "
+        "when they cannot be had; require fails instead; never uses random weights "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pretrained-mirror",
+        metavar="URL",
+        help="download official weights from this directory (same file names) instead of their "
+        "published location, e.g. an internal mirror",
     )
     parser.add_argument(
         "--skip-existing",
@@ -127,14 +151,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.preset and (args.arch or args.weights or args.name or args.version):
-        parser.error("--preset exports a fixed set: leave out ARCH, --weights, --name, --version")
-    if not args.preset and not (args.arch and args.weights):
-        parser.error("give ARCH and --weights, or --preset")
+    if args.preset and args.archs:
+        parser.error("give --preset or --archs, not both")
+    if (args.preset or args.archs) and (args.arch or args.weights or args.name or args.version):
+        parser.error("--preset/--archs export a set: leave out ARCH, --weights, --name, --version")
+    if not (args.preset or args.archs or args.arch):
+        parser.error("give ARCH (with or without --weights), --preset or --archs")
     try:
-        if args.preset:
-            return run_preset(args)
-        return run_one(args, args.arch, args.weights, skip=args.skip_existing)
+        if args.preset or args.archs:
+            archs = PRESETS[args.preset] if args.preset else _split(args.archs)
+            return run_set(args, archs)
+        spec = get_spec(args.arch)
+        weights = args.weights or resolve_weights(
+            spec,
+            args.weights_dir,
+            Pretrained(args.pretrained),
+            args.seed,
+            mirror=args.pretrained_mirror,
+        )
+        return run_one(args, args.arch, weights, skip=args.skip_existing)
     except Exception as exc:  # the CLI boundary: one line, non-zero
         if args.verbose:
             traceback.print_exc()
@@ -179,6 +214,7 @@ def run_one(args: argparse.Namespace, arch: str, weights: str, *, skip: bool) ->
             precision=args.precision,
             gate_images=args.gate_images,
             gate_labeled=args.gate_labeled,
+            pretrained_mirror=args.pretrained_mirror,
         )
     )
     meta = result.metadata
@@ -213,11 +249,32 @@ def gate_device_note(meta: dict[str, object]) -> str | None:
     )
 
 
-def run_preset(args: argparse.Namespace) -> int:
-    for arch in PRESETS[args.preset]:
-        checkpoint = find_checkpoint(get_spec(arch), args.weights_dir)
-        weights = str(checkpoint) if checkpoint else f"random:{args.seed}"
-        origin = f"checkpoint {checkpoint}" if checkpoint else "random weights (untrained)"
+def _split(archs: str) -> tuple[str, ...]:
+    names = tuple(a.strip() for a in archs.split(",") if a.strip())
+    for name in names:
+        get_spec(name)  # an unknown name fails before anything is exported
+    return names
+
+
+def run_set(args: argparse.Namespace, archs: tuple[str, ...]) -> int:
+    """Each architecture with a checkpoint from --weights-dir, else official weights (as
+    --pretrained says), else random ones; versions already present with the same weights are
+    skipped."""
+    for arch in archs:
+        spec = get_spec(arch)
+        weights = resolve_weights(
+            spec,
+            args.weights_dir,
+            Pretrained(args.pretrained),
+            args.seed,
+            mirror=args.pretrained_mirror,
+        )
+        if weights.startswith("random"):
+            origin = "random weights (untrained)"
+        elif weights in spec.pretrained:
+            origin = f"official {weights} weights"
+        else:
+            origin = f"checkpoint {weights}"
         print(f"{arch}: {origin}", flush=True)
         run_one(args, arch, weights, skip=True)
     return 0

@@ -64,6 +64,7 @@ class ExportRequest:
     gate_images: Path | None = None  # real photos: top-1 agreement with fp32
     gate_labeled: Path | None = None  # labeled .npz: top-1 drop against fp32
     gate_thresholds: GateThresholds = field(default_factory=GateThresholds)
+    pretrained_mirror: str | None = None  # replaces the official weights' download directory
 
 
 @dataclass
@@ -125,7 +126,7 @@ def export_model(request: ExportRequest) -> ExportResult:
     if request.version is not None and request.version in existing:
         raise ExportError(f"{out / name / str(request.version)} already exists")
 
-    model, weights = load_model(spec, request.weights)
+    model, weights = load_model(spec, request.weights, mirror=request.pretrained_mirror)
     if request.skip_if_same_weights and existing:
         latest = repository.read_metadata(out, name, existing[-1])
         if (

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import torch
 
-from models.checkpoint import fetch_pretrained, load_checkpoint
+from models.checkpoint import WeightsUnavailableError, fetch_pretrained, load_checkpoint
 from models.hashing import sha256_file
 from models.registry import ArchSpec
 from models.resnet import ResNet
@@ -65,7 +67,56 @@ def calibrate_batchnorm(
     return model.eval()
 
 
-def load_model(spec: ArchSpec, source: str) -> tuple[ResNet, WeightsInfo]:
+class Pretrained(StrEnum):
+    """What to do where no checkpoint is given: official weights, or seeded random ones."""
+
+    AUTO = "auto"  # official weights; random with a warning when they cannot be downloaded
+    REQUIRE = "require"  # official weights or fail: trained models only
+    NEVER = "never"  # random weights, no download
+
+
+def resolve_weights(
+    spec: ArchSpec,
+    weights_dir: Path,
+    pretrained: Pretrained,
+    seed: int,
+    *,
+    mirror: str | None = None,
+) -> str:
+    """The weights source for `spec` when the user named none: a checkpoint in `weights_dir`,
+    else the official weights (downloaded and hash-checked now, so that a fallback is decided
+    here), else `random:SEED`. Raises CheckpointError when `pretrained` is REQUIRE and no
+    trained weights can be had."""
+    checkpoint = find_checkpoint(spec, weights_dir)
+    if checkpoint:
+        return str(checkpoint)
+    keyword = next(iter(spec.pretrained), None)
+    if pretrained is Pretrained.REQUIRE and keyword is None:
+        raise WeightsUnavailableError(
+            f"{spec.name}: no checkpoint in {weights_dir} and no official weights exist, "
+            "but --pretrained require asks for trained weights"
+        )
+    if pretrained is Pretrained.NEVER or keyword is None:
+        return f"random:{seed}"
+    try:
+        fetch_pretrained(spec, keyword, mirror=mirror)
+    except WeightsUnavailableError as exc:
+        if pretrained is Pretrained.REQUIRE:
+            raise
+        print(
+            f"WARNING: {spec.name}: official {keyword} weights unavailable ({exc}); exporting "
+            f'seeded random weights random:{seed}, UNTRAINED ("trained": false); '
+            "--pretrained require fails instead",
+            file=sys.stderr,
+            flush=True,
+        )
+        return f"random:{seed}"
+    return keyword
+
+
+def load_model(
+    spec: ArchSpec, source: str, *, mirror: str | None = None
+) -> tuple[ResNet, WeightsInfo]:
     """The eval-mode model for `source` and a description of its weights for metadata."""
     match = RANDOM.match(source)
     if match:
@@ -74,7 +125,7 @@ def load_model(spec: ArchSpec, source: str) -> tuple[ResNet, WeightsInfo]:
         model = calibrate_batchnorm(spec.build(), spec.input_size, seed)
         return model, WeightsInfo(f"random:{seed}", state_dict_sha256(model), trained=False)
     if source in spec.pretrained:
-        path = fetch_pretrained(spec, source)
+        path = fetch_pretrained(spec, source, mirror=mirror)
         model = load_checkpoint(spec, path)
         return model, WeightsInfo(source, sha256_file(path), trained=True)
     path = Path(source)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
-import urllib.request
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import torch.hub
 from torch import Tensor, nn
 
 from .hashing import sha256_file
@@ -132,14 +131,29 @@ def default_cache_dir() -> Path:
     return Path(base) / "weights"
 
 
+class WeightsUnavailableError(CheckpointError):
+    """Official weights could not be had (offline, unreachable): the caller may fall back."""
+
+
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
 def fetch_pretrained(
-    spec: ArchSpec, keyword: str, *, cache_dir: Path | None = None, offline: bool | None = None
+    spec: ArchSpec,
+    keyword: str,
+    *,
+    cache_dir: Path | None = None,
+    offline: bool | None = None,
+    mirror: str | None = None,
 ) -> Path:
     """Path to the official weights `keyword` for `spec`, downloading them once into the cache.
 
-    The file's sha256 must start with the prefix in its published name. A file already in the
-    cache (or placed there by hand, for air-gapped hosts) is verified and used without network.
-    Offline (`RESNET_SERVE_OFFLINE=1`) and missing, it fails with a clear message.
+    The download is torch.hub's (`download_url_to_file` with the hash prefix of the published
+    file name): a file whose sha256 does not start with that prefix is refused and nothing is
+    written. `mirror` replaces the directory of the published URL (an internal mirror holding
+    the same file names). A file already in the cache (or placed there by hand, for air-gapped
+    hosts) is verified and used without network. Offline (`RESNET_SERVE_OFFLINE=1`) or
+    unreachable, it raises WeightsUnavailableError.
     """
     try:
         weights = spec.pretrained[keyword]
@@ -149,16 +163,18 @@ def fetch_pretrained(
             f"{spec.name} has no pretrained weights {keyword!r} (available: {known})"
         ) from None
     cache_dir = cache_dir or default_cache_dir()
-    target = cache_dir / weights.url.rsplit("/", 1)[-1]
+    file_name = weights.url.rsplit("/", 1)[-1]
+    url = f"{mirror.rstrip('/')}/{file_name}" if mirror else weights.url
+    target = cache_dir / file_name
     if offline is None:
         offline = os.environ.get("RESNET_SERVE_OFFLINE", "") not in ("", "0")
     if not target.exists():
         if offline:
-            raise CheckpointError(
-                f"{target.name} is not in the cache {cache_dir} and downloads are off "
+            raise WeightsUnavailableError(
+                f"{file_name} is not in the cache {cache_dir} and downloads are off "
                 "(RESNET_SERVE_OFFLINE); place the file there or pass a checkpoint path"
             )
-        _download(weights.url, target)
+        _download(url, target, weights.sha256_prefix)
     digest = sha256_file(target)
     if not digest.startswith(weights.sha256_prefix):
         raise CheckpointError(
@@ -168,15 +184,18 @@ def fetch_pretrained(
     return target
 
 
-def _download(url: str, target: Path) -> None:
+def _download(url: str, target: Path, hash_prefix: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".download-")
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torch.hub opens the URL without a timeout
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            shutil.copyfileobj(response, out)
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise CheckpointError(f"cannot download {url}: {exc}") from exc
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=hash_prefix, progress=False)
+    except RuntimeError as exc:  # torch.hub's hash check; its partial file is already gone
+        raise CheckpointError(
+            f"refused {url}: {exc}; nothing was written (expected sha256 prefix {hash_prefix})"
+        ) from exc
+    except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts, refused connections
+        reason = getattr(exc, "reason", None) or exc
+        raise WeightsUnavailableError(f"cannot download {url}: {reason}") from exc
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        socket.setdefaulttimeout(previous)

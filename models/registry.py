@@ -177,6 +177,18 @@ _TORCHVISION_V1 = {
     101: ("resnet101-63fe2227.pth", "63fe2227"),
     152: ("resnet152-394f9c45.pth", "394f9c45"),
 }
+# The published CIFAR-10 checkpoints (BSD-2-Clause; also shipped in weights/), at the commit
+# they were last renamed; the hex suffix is the start of each file's sha256.
+_AKAMASTER_URL = (
+    "https://github.com/akamaster/pytorch_resnet_cifar10/raw/"
+    "d5489e8995e81e91ce6b1d69dcc98ad579b0b153/pretrained_models/"
+)
+_AKAMASTER = {
+    20: ("resnet20-12fca82f.th", "12fca82f"),
+    32: ("resnet32-d509ac18.th", "d509ac18"),
+    44: ("resnet44-014dd654.th", "014dd654"),
+    56: ("resnet56-4bfd9763.th", "4bfd9763"),
+}
 IMAGENET_LAYERS = {
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
@@ -215,8 +227,25 @@ for _depth in (18, 34):
 
 for _depth in CIFAR_DEPTHS:
     _n = (_depth - 2) // 6
+    _published = _AKAMASTER.get(_depth)
     register(
-        ArchSpec(f"cifar_resnet{_depth}", "cifar", "basic", (_n,) * 3, Shortcut.A, num_classes=10)
+        ArchSpec(
+            f"cifar_resnet{_depth}",
+            "cifar",
+            "basic",
+            (_n,) * 3,
+            Shortcut.A,
+            num_classes=10,
+            pretrained={
+                "akamaster": PretrainedWeights(
+                    _AKAMASTER_URL + _published[0],
+                    _published[1],
+                    f"akamaster/pytorch_resnet_cifar10 ResNet-{_depth} (CIFAR-10, BSD-2-Clause)",
+                )
+            }
+            if _published
+            else {},
+        )
     )
 for _depth in CIFAR_DEPTHS[:5]:
     _n = (_depth - 2) // 6

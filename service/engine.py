@@ -6,6 +6,7 @@ service runs (same graph optimizations, same threads, same provider order).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -72,6 +73,31 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cuda_devices() -> tuple[int, str]:
+    """How many CUDA devices the NVIDIA driver reports, and why there are none when 0.
+
+    Asked of the driver (libcuda) itself: onnxruntime-gpu lists CUDAExecutionProvider as
+    available whether or not a device or driver is there, and only falls back to the CPU,
+    noisily, when a session is created.
+    """
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0, (
+            "the NVIDIA driver (libcuda.so.1) is not there; in a container, run it with GPU "
+            "access (docker run --gpus all, or compose's GPU reservation, with the NVIDIA "
+            "Container Toolkit)"
+        )
+    status = driver.cuInit(0)
+    if status != 0:
+        return 0, f"the NVIDIA driver failed to initialize (cuInit error {status})"
+    count = ctypes.c_int(0)
+    status = driver.cuDeviceGetCount(ctypes.byref(count))
+    if status != 0 or count.value < 1:
+        return 0, "the NVIDIA driver reports no CUDA device"
+    return count.value, ""
+
+
 def resolve_providers(config: EngineConfig) -> list[str]:
     """The provider list to hand onnxruntime, validated against what this build offers."""
     available = ort.get_available_providers()
@@ -94,6 +120,18 @@ def resolve_providers(config: EngineConfig) -> list[str]:
             f"onnxruntime {ort.__version__} offers {available}. Install onnxruntime-gpu "
             "and check the NVIDIA driver, or drop the requirement to serve on CPU."
         )
+    if CUDA in wanted:
+        devices, reason = cuda_devices()
+        if not devices:
+            if config.require_cuda:
+                raise EngineError(
+                    f"CUDA is required (require_cuda) but no CUDA device is usable: {reason}; "
+                    "or drop the requirement (RESNET_SERVE_REQUIRE_CUDA=false) to serve on CPU"
+                )
+            wanted = [p for p in wanted if p != CUDA]
+            if not wanted:
+                raise EngineError(f"only CUDA is configured but no CUDA device is usable: {reason}")
+            log.warning("no CUDA device is usable (%s): serving with %s", reason, wanted)
     return wanted
 
 
@@ -125,6 +163,11 @@ def check_gpu_options(config: EngineConfig, available: list[str]) -> None:
                 f"tensorrt puts TensorRT, CUDA, CPU first; providers={list(config.providers)} "
                 "asks for another order: leave providers at auto"
             )
+    for option in ("cuda_graph", "tensorrt"):
+        if getattr(config, option):
+            devices, reason = cuda_devices()
+            if not devices:
+                raise EngineError(f"{option} needs a usable CUDA device: {reason}")
 
 
 def session_options(config: EngineConfig) -> ort.SessionOptions:

@@ -71,6 +71,11 @@ def decode(data: bytes, *, min_shorter_side: int, max_pixels: int) -> Image.Imag
         return _to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        # Pillow's own message names its file object (`<_io.BytesIO object at 0x...>`).
+        raise InvalidImageError(
+            f"not an image: the data is none of the accepted formats ({', '.join(FORMATS)})"
+        ) from None
     except _DECODE_ERRORS as exc:
         raise InvalidImageError(f"not a decodable image ({', '.join(FORMATS)}): {exc}") from None
 

@@ -3,7 +3,6 @@ every known format loads strictly; every mismatch is named; files load with weig
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,10 @@ import torch
 from models.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
-    fetch_pretrained,
     load_checkpoint,
     read_state_dict,
 )
-from models.hashing import sha256_file
-from models.registry import PretrainedWeights, get_spec
+from models.registry import get_spec
 
 from .conftest import CIFAR_CHECKPOINT_FILES, CIFAR_CHECKPOINTS, normalize_cifar, require
 
@@ -97,29 +94,3 @@ def test_truncated_and_missing_files(tmp_path: Path, resnet20_checkpoint: Path) 
 def test_non_tensor_entries_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not tensors"):
         read_state_dict(_save({"a": torch.zeros(1), "b": 3}, tmp_path / "x.pth"))
-
-
-def test_pretrained_download_hash_check_cache_and_offline(tmp_path: Path) -> None:
-    """The download path, exercised with a local file:// URL (never the network)."""
-    spec = get_spec("cifar_resnet20")
-    source = _save(spec.build().state_dict(), tmp_path / "published-weights.pth")
-    digest = sha256_file(source)
-    good = dataclasses.replace(
-        spec, pretrained={"local": PretrainedWeights(source.as_uri(), digest[:8], "test")}
-    )
-    cache = tmp_path / "cache"
-    path = fetch_pretrained(good, "local", cache_dir=cache, offline=False)
-    assert path.parent == cache and sha256_file(path) == digest
-    source.unlink()  # cached now: no download needed, even offline
-    assert fetch_pretrained(good, "local", cache_dir=cache, offline=True) == path
-    load_checkpoint(spec, path)
-
-    with pytest.raises(CheckpointError, match="downloads are off"):
-        fetch_pretrained(good, "local", cache_dir=tmp_path / "empty", offline=True)
-    wrong = dataclasses.replace(
-        spec, pretrained={"local": PretrainedWeights(path.as_uri(), "00000000", "test")}
-    )
-    with pytest.raises(CheckpointError, match="expected a hash starting with 00000000"):
-        fetch_pretrained(wrong, "local", cache_dir=tmp_path / "c2", offline=False)
-    with pytest.raises(CheckpointError, match="has no pretrained weights 'nope'"):
-        fetch_pretrained(spec, "nope", cache_dir=cache)

@@ -95,7 +95,7 @@ def test_api_starts_only_after_the_export_succeeded(services: dict[str, Any]) ->
 
 def test_api_reserves_the_gpu_and_requires_cuda(services: dict[str, Any]) -> None:
     api = services["api"]
-    assert api["build"] == {"context": ".", "target": "serve", "args": {"RUNTIME": "gpu"}}
+    assert (api["build"]["target"], api["build"]["args"]["RUNTIME"]) == ("serve", "gpu")
     devices = api["deploy"]["resources"]["reservations"]["devices"]
     assert len(devices) == 1
     assert devices[0]["driver"] == "nvidia"
@@ -117,7 +117,21 @@ def test_api_serves_the_volume_read_only_on_port_8000(
     assert services["export"]["volumes"][0] == f"{volume}:{target}"
     assert env["RESNET_SERVE_HOST"] == "0.0.0.0"
     assert env["RESNET_SERVE_PORT"] == "8000"
-    assert [defaults(p) for p in api["ports"]] == ["8000:8000"]
+    assert [defaults(p) for p in api["ports"]] == ["0.0.0.0:8000:8000"]
+    assert api["ports"] == ["${API_BIND:-0.0.0.0}:${API_PORTS:-8000}:8000"]
+
+
+def test_air_gapped_build_arguments_come_from_the_environment(services: dict[str, Any]) -> None:
+    """PYTHON_IMAGE, TORCH_INDEX_URL and the build network are what docker/build-airgapped.sh
+    sets; their defaults are the Dockerfile's."""
+    arguments = dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text("utf-8"), re.M))
+    for service in ("export", "api"):
+        build = services[service]["build"]
+        assert build["args"]["PYTHON_IMAGE"] == f"${{PYTHON_IMAGE:-{arguments['PYTHON_IMAGE']}}}"
+        assert build["network"] == "${BUILD_NETWORK:-default}"
+    torch_index = services["export"]["build"]["args"]["TORCH_INDEX_URL"]
+    assert torch_index == f"${{TORCH_INDEX_URL:-{arguments['TORCH_INDEX_URL']}}}"
+    assert services["export"]["environment"]["EXPORT_PRETRAINED"] == "${EXPORT_PRETRAINED:-auto}"
 
 
 def test_api_healthcheck_probes_readiness_and_restarts(services: dict[str, Any]) -> None:
@@ -128,6 +142,9 @@ def test_api_healthcheck_probes_readiness_and_restarts(services: dict[str, Any])
     assert script == "/app/docker/healthcheck.py"
     assert (DOCKER_DIR / "healthcheck.py").is_file()
     assert api["restart"] in {"always", "unless-stopped", "on-failure"}
+    # healthy within 2 s of ready on every engine (start_interval needs Engine >= 25)
+    assert api["healthcheck"]["interval"] == "2s"
+    assert "--interval=2s" in DOCKERFILE.read_text("utf-8")
 
 
 def test_cpu_variant_drops_the_gpu(services: dict[str, Any]) -> None:
@@ -234,6 +251,8 @@ def stages() -> dict[str, list[str]]:
 def test_dockerfile_targets_install_dependencies_before_code_and_run_unprivileged() -> None:
     all_stages = stages()
     assert {"base", "export", "serve"} <= set(all_stages)
+    # the legacy builder builds every stage before its target: serve must not need torch's index
+    assert list(all_stages).index("serve") < list(all_stages).index("export")
     for name in ("export", "serve"):
         lines = all_stages[name]
         install = next(i for i, ln in enumerate(lines) if "pip install" in ln)
@@ -345,7 +364,8 @@ def test_hadolint_finds_nothing() -> None:
 
 
 def test_shellcheck_finds_nothing() -> None:
-    scripts = sorted(str(p.relative_to(ROOT)) for p in DOCKER_DIR.glob("*.sh"))
+    found = [*DOCKER_DIR.glob("*.sh"), *(ROOT / "tests" / "container").glob("*.sh")]
+    scripts = sorted(str(p.relative_to(ROOT)) for p in found)
     result = run([tool("shellcheck"), *scripts])
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
@@ -367,7 +387,7 @@ def test_compose_parser_accepts_the_files_without_warnings(files: list[Path]) ->
     devices = api["deploy"]["resources"]["reservations"].get("devices", [])
     if files == [COMPOSE]:
         assert devices == [{"capabilities": ["gpu"], "driver": "nvidia", "count": -1}]
-        assert api["build"]["args"] == {"RUNTIME": "gpu"}
+        assert api["build"]["args"]["RUNTIME"] == "gpu"
     else:
         assert devices == []
-        assert api["build"]["args"] == {"RUNTIME": "cpu"}
+        assert api["build"]["args"]["RUNTIME"] == "cpu"

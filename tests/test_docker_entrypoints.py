@@ -73,7 +73,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Pat
     repo = tmp_path_factory.mktemp("volume") / "models"
     result = export_entrypoint(repo, weights_dir, EXPORT_ARCHS="cifar_resnet20")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"cifar_resnet20: {weights_dir}" in result.stdout
+    assert f"cifar_resnet20: checkpoint {weights_dir}" in result.stdout
     return repo
 
 
@@ -94,10 +94,14 @@ def test_export_entrypoint_skips_what_is_already_there(exported: Path, weights_d
     assert sorted(p.name for p in (exported / "cifar_resnet20").iterdir()) == before
 
 
-def test_export_entrypoint_hands_the_preset_to_the_exporter(tmp_path: Path) -> None:
-    result = export_entrypoint(tmp_path / "repo", tmp_path, EXPORT_PRESET="no-such-preset")
+@pytest.mark.parametrize("variable", ["EXPORT_PRESET", "EXPORT_PRETRAINED"])
+def test_export_entrypoint_hands_its_variables_to_the_exporter(
+    tmp_path: Path, variable: str
+) -> None:
+    result = export_entrypoint(tmp_path / "repo", tmp_path, **{variable: "no-such-value"})
     assert result.returncode == 2
-    assert "--preset: invalid choice: 'no-such-preset'" in result.stderr
+    flag = variable.removeprefix("EXPORT_").lower()
+    assert f"--{flag}: invalid choice: 'no-such-value'" in result.stderr
 
 
 def test_export_entrypoint_needs_a_repository(tmp_path: Path) -> None:

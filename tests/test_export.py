@@ -275,6 +275,8 @@ def test_preset_uses_checkpoints_where_found_and_says_which(tmp_path: Path) -> N
 def test_cli_usage_errors() -> None:
     result = run_export("--out", "x")
     assert result.returncode == 2
-    assert "give ARCH and --weights, or --preset" in result.stderr
+    assert "give ARCH (with or without --weights), --preset or --archs" in result.stderr
+    both = run_export("--preset", "cifar", "--archs", "cifar_resnet20", "--out", "x")
+    assert both.returncode == 2 and "give --preset or --archs, not both" in both.stderr
     unknown = run_export("resnet19", "--weights", "random", "--out", "x")
     assert "unknown architecture 'resnet19'" in _one_line_failure(unknown)

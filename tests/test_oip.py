@@ -206,7 +206,7 @@ def test_compressed_request_and_request_id(client: Any, samples: list[bytes]) ->
         (lambda s: [_input("images", [1, 3, 16, 16], "FP32")], "400", "takes [-1, 3, 32, 32]"),
         (lambda s: [_input("images", [1, 3, 32, 32], "FP64")], "400", "must be FP32"),
         (lambda s: [_input("pixels", [1, 3, 32, 32], "FP32")], "400", "unknown input 'pixels'"),
-        (lambda s: [bytes_input([b"not an image"])], "400", "image 0: not a decodable image"),
+        (lambda s: [bytes_input([b"not an image"])], "400", "image 0: not an image"),
         (lambda s: [bytes_input(s[:1]), bytes_input(s[:1])], "400", "exactly one input"),
     ],
     ids=["shape", "datatype", "name", "undecodable", "two-inputs"],
