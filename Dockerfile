@@ -42,16 +42,24 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/app
     && mkdir /models /weights \
     && chown app:app /models
 WORKDIR /app
+COPY docker/constraints.txt docker/
+
+# Each image's requirements, read from pyproject.toml: the install layers below depend on these
+# lists' content only, so an edit elsewhere in pyproject.toml rebuilds nothing.
+FROM base AS requirements
 COPY pyproject.toml ./
-COPY docker/constraints.txt docker/requirements.py docker/
+COPY docker/requirements.py docker/
+RUN python docker/requirements.py gpu > serve-gpu.txt \
+    && python docker/requirements.py cpu > serve-cpu.txt \
+    && python docker/requirements.py cpu export > export.txt
 
 FROM base AS serve
 # gpu: onnxruntime-gpu[cuda,cudnn] (CUDA 13 runtime, cuBLAS, cuDNN as pip wheels);
 # cpu: onnxruntime. The build fails if torch slipped in through some dependency.
 ARG RUNTIME=gpu
-RUN case "${RUNTIME}" in gpu|cpu) ;; *) echo "RUNTIME must be gpu or cpu" >&2; exit 1 ;; esac \
-    && python docker/requirements.py "${RUNTIME}" > /tmp/requirements.txt \
-    && pip install -c docker/constraints.txt -r /tmp/requirements.txt \
+RUN case "${RUNTIME}" in gpu|cpu) ;; *) echo "RUNTIME must be gpu or cpu" >&2; exit 1 ;; esac
+COPY --from=requirements /app/serve-${RUNTIME}.txt /tmp/requirements.txt
+RUN pip install -c docker/constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt \
     && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 COPY models/ models/
@@ -79,8 +87,8 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c docker/constraints.txt
     || { echo "cannot install torch==2.13.0+cpu from TORCH_INDEX_URL=${TORCH_INDEX_URL}: pass" \
               "--build-arg TORCH_INDEX_URL=<an index that has it> (README: Air-gapped builds)" >&2; \
          exit 1; }
-RUN python docker/requirements.py cpu export > /tmp/requirements.txt \
-    && pip install -c docker/constraints.txt -r /tmp/requirements.txt \
+COPY --from=requirements /app/export.txt /tmp/requirements.txt
+RUN pip install -c docker/constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 COPY models/ models/
 COPY service/ service/

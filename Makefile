@@ -73,7 +73,7 @@ bench-ablations: venv
 
 # Hostile input, overload, soak, faults, SIGTERM: docs/reliability.md (~3.5 min on 2 cores).
 reliability: venv
-	$(BIN)/python -m reliability all --out reliability-results
+	$(BIN)/python -m tests.reliability all --out reliability-results
 
 # On a host with an NVIDIA GPU and onnxruntime-gpu (README "GPU"): CUDA proof, fp32/fp16 export
 # with parity and gate on the GPU, latency per depth at batch 1/8/32/128, ResNet-50 over HTTP at

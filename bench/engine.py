@@ -23,7 +23,6 @@ from tqdm import tqdm
 
 from service.engine import EngineConfig, session_options
 from service.repository import ModelEntry, scan_repository
-from service.serving import engine_config as service_engine_config
 from service.serving import open_entry
 from service.settings import Settings
 
@@ -59,10 +58,10 @@ class EngineOptions:
     seed: int = 0
 
 
-def engine_config(repository: Path, overrides: dict[str, Any]) -> tuple[EngineConfig, Settings]:
-    """The EngineConfig the service would build: its Settings (RESNET_SERVE_* included)."""
+def service_config(repository: Path, overrides: dict[str, Any]) -> tuple[EngineConfig, Settings]:
+    """The Settings the service would read (RESNET_SERVE_* included) and its EngineConfig."""
     settings = Settings(model_repository=repository, **overrides)
-    return service_engine_config(settings), settings
+    return EngineConfig.from_settings(settings), settings
 
 
 def time_interleaved(
@@ -101,7 +100,7 @@ def select_models(entries: dict[str, ModelEntry], only: list[str] | None) -> lis
     order = {"imagenet": 0, "cifar": 1}
     return sorted(
         chosen,
-        key=lambda e: (order.get(e.metadata.get("family"), 2), e.metadata.get("depth", 0), e.name),
+        key=lambda e: (order.get(e.metadata.family, 2), e.metadata.depth or 0, e.name),
     )
 
 
@@ -110,15 +109,15 @@ def _row_base(entry: ModelEntry, batch_size: int) -> dict[str, Any]:
     return {
         "model": entry.name,
         "version": entry.version,
-        "arch": meta.get("arch"),
-        "family": meta.get("family"),
-        "depth": meta.get("depth"),
-        "params": meta.get("params"),
-        "macs": meta.get("macs"),
+        "arch": meta.arch,
+        "family": meta.family,
+        "depth": meta.depth,
+        "params": meta.params,
+        "macs": meta.macs,
         "precision": entry.precision,
         "engine": entry.engine,
-        "trained": meta.get("weights", {}).get("trained"),
-        "model_sha256": meta.get("model_sha256"),
+        "trained": entry.trained,
+        "model_sha256": meta.model_sha256,
         "batch_size": batch_size,
     }
 
@@ -238,7 +237,7 @@ def run_engine(
     models: list[str] | None = None,
 ) -> dict[str, Any]:
     """The `engine` section of results.json for the models of `repository`."""
-    config, settings = engine_config(repository, overrides)
+    config, settings = service_config(repository, overrides)
     entries = select_models(scan_repository(repository), models)
     threads = session_options(config).intra_op_num_threads
     torch_threads = None

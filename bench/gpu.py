@@ -147,7 +147,7 @@ def prove_cuda_session(workdir: Path) -> dict[str, Any]:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from service.engine import CPU, Engine, EngineConfig
+    from service.engine import CPU, EngineConfig, OrtEngine
 
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3), dtype=np.float32), "w")
@@ -177,8 +177,8 @@ def prove_cuda_session(workdir: Path) -> dict[str, Any]:
         "output_names": ["logits", "embedding"],
         "input_shape": (3, 16, 16),
     }
-    gpu = Engine(path, EngineConfig(providers=(CUDA, CPU), require_cuda=True), **io)
-    cpu = Engine(path, EngineConfig(providers=(CPU,)), **io)
+    gpu = OrtEngine(path, EngineConfig(providers=(CUDA, CPU), require_cuda=True), **io)
+    cpu = OrtEngine(path, EngineConfig(providers=(CPU,)), **io)
     if gpu.provider != CUDA or not gpu.io_binding:
         raise RuntimeError(f"the session runs on {gpu.provider}, io binding {gpu.io_binding}")
     batch = rng.standard_normal((4, 3, 16, 16), dtype=np.float32)

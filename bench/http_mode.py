@@ -14,8 +14,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from reliability.harness import Service
-
+from .launcher import Service
 from .load import LoadSpec, build_payloads, closed_loop, open_loop, warm_up
 from .report import load_results
 

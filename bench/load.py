@@ -13,7 +13,6 @@ import itertools
 import json
 import sys
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,7 +22,7 @@ import httpx
 from tqdm import tqdm
 
 from .stats import summarize
-from .wire import WireClient
+from .wire import WireClient, multipart
 
 CLIENTS = ("wire", "httpx")
 
@@ -68,21 +67,6 @@ class Recorder:
         }
 
 
-def multipart_body(images: list[tuple[str, bytes]]) -> tuple[bytes, str]:
-    """A multipart/form-data body with one `file` part per image, and its content type."""
-    boundary = uuid.uuid4().hex
-    chunks: list[bytes] = []
-    for name, data in images:
-        kind = "png" if name.lower().endswith(".png") else "jpeg"
-        chunks.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-            f"Content-Type: image/{kind}\r\n\r\n".encode()
-        )
-        chunks += [data, b"\r\n"]
-    chunks.append(f"--{boundary}--\r\n".encode())
-    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
-
-
 def build_payloads(
     images: list[tuple[str, bytes]], per_request: int, *, raw: bool = False
 ) -> tuple[Payload, ...]:
@@ -97,12 +81,19 @@ def build_payloads(
         chosen = [next(stream) for _ in range(per_request)]
         if raw:
             name, data = chosen[0]
-            kind = "png" if name.lower().endswith(".png") else "jpeg"
-            payloads.append(Payload(data, f"image/{kind}", 1))
+            payloads.append(Payload(data, _image_type(name), 1))
         else:
-            body, content_type = multipart_body(chosen)
+            content_type, body = multipart(
+                [data for _, data in chosen],
+                [_image_type(name) for name, _ in chosen],
+                [name for name, _ in chosen],
+            )
             payloads.append(Payload(body, content_type, per_request))
     return tuple(payloads)
+
+
+def _image_type(name: str) -> str:
+    return "image/png" if name.lower().endswith(".png") else "image/jpeg"
 
 
 class Poster(Protocol):

@@ -14,6 +14,7 @@ import torch
 from export.exporter import resolve_spec
 from export.weights import load_model
 from models.resnet import WithEmbedding
+from service.repository import ModelMetadata
 
 
 class WeightsMismatchError(RuntimeError):
@@ -26,15 +27,15 @@ def torch_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-def build_reference(metadata: dict[str, Any], device: str) -> torch.nn.Module:
+def build_reference(metadata: ModelMetadata, device: str) -> torch.nn.Module:
     """The eval-mode (logits, embedding) module for a repository entry, checked by weights hash."""
-    spec = resolve_spec(metadata["arch"], int(metadata["num_classes"]))
-    weights = metadata["weights"]
-    model, info = load_model(spec, weights["source"])
-    if info.sha256 != weights.get("sha256"):
+    spec = resolve_spec(metadata.arch, metadata.num_classes)
+    weights = metadata.weights
+    model, info = load_model(spec, weights.source)
+    if info.sha256 != weights.sha256:
         raise WeightsMismatchError(
-            f"{metadata['name']}: weights {weights['source']!r} hash to {info.sha256[:12]}, the "
-            f"export recorded {str(weights.get('sha256'))[:12]}; cannot compare like with like"
+            f"{metadata.name}: weights {weights.source!r} hash to {info.sha256[:12]}, the "
+            f"export recorded {str(weights.sha256)[:12]}; cannot compare like with like"
         )
     return WithEmbedding(model).eval().to(device)
 

@@ -20,14 +20,16 @@ import torch
 
 from models.hashing import sha256_file
 from models.registry import ArchSpec, complexity, get_spec
+from service import repository
 from service.engine import Engine
-from service.repository import FORMAT_VERSION
+from service.repository import ModelMetadata, Outputs, Report, TensorSpec, Weights
+from service.settings import Settings
 
-from . import repository, triton
+from . import triton
 from .onnx_export import EXPORTER, INPUT_NAME, OPSET, OUTPUT_NAMES, export_onnx
 from .parity import Tolerances, check_parity
 from .precision import (
-    ENGINES,
+    ENGINE_OF_PRECISION,
     PRECISIONS,
     GateThresholds,
     convert_fp16,
@@ -38,7 +40,8 @@ from .precision import (
 )
 from .weights import load_model
 
-DEFAULT_MAX_BATCH_SIZE = 32
+# The largest batch the service forms by default: what the parity gate verifies by default.
+DEFAULT_MAX_BATCH_SIZE: int = Settings.model_fields["max_batch_size"].default
 
 
 class ExportError(RuntimeError):
@@ -73,7 +76,7 @@ class ExportResult:
     version: int
     path: Path
     skipped: bool
-    metadata: dict[str, Any]
+    metadata: dict[str, Any]  # metadata.json as written
 
 
 def parity_batch_sizes(max_batch_size: int) -> list[int]:
@@ -104,6 +107,41 @@ def resolve_labels(spec: ArchSpec, labels: list[str] | None) -> list[str]:
     return labels
 
 
+def _skip_key(
+    request: ExportRequest, spec: ArchSpec, labels: list[str], weights_sha256: str
+) -> dict[str, Any]:
+    """What a kept version must share with this request, as dotted metadata paths: the same
+    weights are not enough when the batch limit, labels, tolerances or exporter differ."""
+    key: dict[str, Any] = {
+        "weights.sha256": weights_sha256,
+        "arch": spec.name,
+        "precision": request.precision,
+        "max_batch_size": request.max_batch_size,
+        "labels": labels,
+        "parity.tolerances": dataclasses.asdict(request.tolerances),
+        "export.exporter": EXPORTER,
+        "export.opset": OPSET,
+    }
+    if request.precision != "fp32":
+        key["precision_gate.thresholds"] = dataclasses.asdict(request.gate_thresholds)
+    return key
+
+
+def _differences(metadata: dict[str, Any], key: dict[str, Any]) -> list[str]:
+    """The dotted paths of `key` whose value in `metadata` differs (precision defaults to fp32,
+    as in metadata written before precisions existed)."""
+    differences = []
+    for path, wanted in key.items():
+        value: Any = metadata
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None and path == "precision":
+            value = "fp32"
+        if value != wanted:
+            differences.append(path)
+    return differences
+
+
 def export_model(request: ExportRequest) -> ExportResult:
     try:
         spec = resolve_spec(request.arch, request.num_classes)
@@ -128,14 +166,12 @@ def export_model(request: ExportRequest) -> ExportResult:
 
     model, weights = load_model(spec, request.weights, mirror=request.pretrained_mirror)
     if request.skip_if_same_weights and existing:
-        latest = repository.read_metadata(out, name, existing[-1])
-        if (
-            latest.get("weights", {}).get("sha256") == weights.sha256
-            and latest.get("arch") == spec.name
-            and latest.get("precision", "fp32") == request.precision
-        ):
+        latest = repository.read_metadata(out / name / str(existing[-1]))
+        key = _skip_key(request, spec, labels, weights.sha256)
+        if not _differences(latest.model_dump(mode="json"), key):
             triton.write_model_config(out, name)  # repositories exported before it existed
-            return ExportResult(name, existing[-1], out / name / str(existing[-1]), True, latest)
+            path = out / name / str(existing[-1])
+            return ExportResult(name, existing[-1], path, True, latest.model_dump(mode="json"))
     version = request.version or (existing[-1] + 1 if existing else 1)
 
     batch_sizes = parity_batch_sizes(request.max_batch_size)
@@ -160,56 +196,46 @@ def export_model(request: ExportRequest) -> ExportResult:
         if reduced:
             served, gate = _reduce_precision(request, spec, labels, graph, fp32, Path(tmp))
         params, macs = complexity(spec)
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "name": name,
-            "version": version,
-            "arch": spec.name,
-            "family": spec.family,
-            "depth": spec.depth,
-            "block": spec.block,
-            "preact": spec.preact,
-            "plain": spec.plain,
-            "shortcut": spec.shortcut.value,
-            "created_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "model_file": "model.onnx",
-            "model_sha256": sha256_file(served),
-            "precision": request.precision,
-            "engine": ENGINES[request.precision],
-            "input": {"name": INPUT_NAME, "shape": [None, *spec.input_size], "dtype": "float32"},
-            "outputs": {
-                "logits": {
-                    "name": OUTPUT_NAMES[0],
-                    "shape": [None, spec.num_classes],
-                    "dtype": "float32",
-                },
-                "embedding": {
-                    "name": OUTPUT_NAMES[1],
-                    "shape": [None, spec.embedding_dim],
-                    "dtype": "float32",
-                },
-            },
-            "num_classes": spec.num_classes,
-            "embedding_dim": spec.embedding_dim,
-            "labels": labels,
-            "preprocessing": spec.preprocessing.to_dict(),
-            "weights": weights.to_dict(),
-            "params": params,
-            "macs": macs,
-            "max_batch_size": request.max_batch_size,
-            "parity": {**report.to_dict(), "device": fp32.provider},
-            "precision_gate": gate,
-            "export": {
+        metadata = ModelMetadata(
+            name=name,
+            version=version,
+            arch=spec.name,
+            family=spec.family,
+            depth=spec.depth,
+            block=spec.block,
+            preact=spec.preact,
+            plain=spec.plain,
+            shortcut=spec.shortcut.value,
+            created_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            model_sha256=sha256_file(served),
+            precision=request.precision,
+            engine=ENGINE_OF_PRECISION[request.precision],
+            input=TensorSpec(name=INPUT_NAME, shape=[None, *spec.input_size]),
+            outputs=Outputs(
+                logits=TensorSpec(name=OUTPUT_NAMES[0], shape=[None, spec.num_classes]),
+                embedding=TensorSpec(name=OUTPUT_NAMES[1], shape=[None, spec.embedding_dim]),
+            ),
+            num_classes=spec.num_classes,
+            embedding_dim=spec.embedding_dim,
+            labels=labels,
+            preprocessing=spec.preprocessing,
+            weights=Weights(**weights.to_dict()),
+            params=params,
+            macs=macs,
+            max_batch_size=request.max_batch_size,
+            parity=Report(**report.to_dict(), device=fp32.provider),
+            precision_gate=Report(**gate) if gate is not None else None,
+            export={
                 "exporter": EXPORTER,
                 "opset": OPSET,
                 "torch": torch.__version__,
                 "onnx": onnx.__version__,
                 "onnxruntime": onnxruntime.__version__,
             },
-        }
-        target = repository.write_version(out, name, version, served, metadata)
+        )
+        target = repository.write_version(out, metadata, served)
     triton.write_model_config(out, name)
-    return ExportResult(name, version, target, False, metadata)
+    return ExportResult(name, version, target, False, metadata.model_dump(mode="json"))
 
 
 def _reduce_precision(

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from models.resnet import ResNet
+from service.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,20 @@ class CaseResult:
     passed: bool
 
 
+@dataclass(frozen=True)
+class NoiseFloor:
+    """max |torch fp32 - torch fp64| per output, measured on one batch of `batch_size`."""
+
+    logits: float
+    embedding: float
+    batch_size: int
+
+
 @dataclass
 class ParityReport:
     tolerances: Tolerances
     batch_sizes: list[int]
-    noise_floor: dict[str, float]  # max |torch fp32 - torch fp64| per output
+    noise_floor: NoiseFloor
     results: list[CaseResult] = field(default_factory=list)
 
     @property
@@ -94,7 +104,7 @@ class ParityReport:
             "reference": "PyTorch eager fp32, eval mode, same weights",
             "batch_sizes": self.batch_sizes,
             "tolerances": asdict(self.tolerances),
-            "noise_floor": self.noise_floor,
+            "noise_floor": asdict(self.noise_floor),
             "results": [asdict(r) for r in self.results],
         }
 
@@ -112,7 +122,7 @@ def _diff(ort_out: np.ndarray, ref: np.ndarray, tol: Tolerances, noise: float) -
     )
 
 
-def _run_both(model: ResNet, engine: Any, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+def _run_both(model: ResNet, engine: Engine, batch: np.ndarray) -> tuple[np.ndarray, ...]:
     with torch.no_grad():
         ref_logits, ref_emb = model.forward_with_embedding(torch.from_numpy(batch))
     ort_logits, ort_emb = engine.run(batch)
@@ -126,17 +136,17 @@ def _run_both(model: ResNet, engine: Any, batch: np.ndarray) -> tuple[np.ndarray
 
 def compare_case(
     model: ResNet,
-    engine: Any,
+    engine: Engine,
     batches: list[np.ndarray],
     inputs: str,
     tol: Tolerances,
-    noise_floor: dict[str, float],
+    noise_floor: NoiseFloor,
 ) -> CaseResult:
     """Measure over `batches` (each one engine run at its own size), judge once."""
     runs = [_run_both(model, engine, b) for b in batches]
     ref_logits, ref_emb, ort_logits, ort_emb = (np.concatenate(x) for x in zip(*runs, strict=True))
-    logits = _diff(ort_logits, ref_logits, tol, noise_floor["logits"])
-    embedding = _diff(ort_emb, ref_emb, tol, noise_floor["embedding"])
+    logits = _diff(ort_logits, ref_logits, tol, noise_floor.logits)
+    embedding = _diff(ort_emb, ref_emb, tol, noise_floor.embedding)
     num = np.sum(ort_emb * ref_emb, axis=1)
     den = np.linalg.norm(ort_emb, axis=1) * np.linalg.norm(ref_emb, axis=1)
     cosine = np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
@@ -177,23 +187,23 @@ def compare_case(
     )
 
 
-def noise_floor(model: ResNet, batch: np.ndarray) -> dict[str, float]:
+def noise_floor(model: ResNet, batch: np.ndarray) -> NoiseFloor:
     """How far PyTorch fp32 is from PyTorch fp64 on `batch`: the rounding noise of fp32 itself."""
     model64 = copy.deepcopy(model).double().eval()
     x = torch.from_numpy(batch)
     with torch.no_grad():
         logits32, emb32 = model.forward_with_embedding(x)
         logits64, emb64 = model64.forward_with_embedding(x.double())
-    return {
-        "logits": float((logits32.double() - logits64).abs().max()),
-        "embedding": float((emb32.double() - emb64).abs().max()),
-        "batch_size": len(batch),
-    }
+    return NoiseFloor(
+        logits=float((logits32.double() - logits64).abs().max()),
+        embedding=float((emb32.double() - emb64).abs().max()),
+        batch_size=len(batch),
+    )
 
 
 def check_parity(
     model: ResNet,
-    engine: Any,
+    engine: Engine,
     input_size: tuple[int, int, int],
     *,
     batch_sizes: list[int],

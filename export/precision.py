@@ -19,18 +19,24 @@ from __future__ import annotations
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from models.preprocessing import Preprocessing
 from service.engine import Engine, EngineConfig, create_engine
+from service.repository import EngineName, Precision
 
 from .calibration import load_calibration
 from .onnx_export import INPUT_NAME, OUTPUT_NAMES
 
-PRECISIONS = ("fp32", "bf16", "int8", "fp16")
-ENGINES = {"fp32": "onnxruntime", "bf16": "openvino", "int8": "onnxruntime", "fp16": "onnxruntime"}
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)  # what an export can be made at
+ENGINE_OF_PRECISION: dict[str, EngineName] = {
+    "fp32": "onnxruntime",
+    "bf16": "openvino",
+    "int8": "onnxruntime",
+    "fp16": "onnxruntime",
+}
 
 
 class PrecisionError(RuntimeError):
@@ -111,11 +117,11 @@ def convert_fp16(fp32_graph: Path, out: Path) -> None:
     onnx.save(model, str(out))
 
 
-def open_engine(graph: Path, precision: str, input_shape: tuple[int, ...]) -> Any:
+def open_engine(graph: Path, precision: str, input_shape: tuple[int, ...]) -> Engine:
     return create_engine(
         graph,
         EngineConfig(),
-        engine=ENGINES[precision],
+        engine=ENGINE_OF_PRECISION[precision],
         precision=precision,
         input_name=INPUT_NAME,
         output_names=list(OUTPUT_NAMES),
@@ -123,7 +129,7 @@ def open_engine(graph: Path, precision: str, input_shape: tuple[int, ...]) -> An
     )
 
 
-def _logits(engine: Any, images: np.ndarray, batch: int) -> np.ndarray:
+def _logits(engine: Engine, images: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate(
         [engine.run(images[i : i + batch])[0] for i in range(0, len(images), batch)]
     )
@@ -131,7 +137,7 @@ def _logits(engine: Any, images: np.ndarray, batch: int) -> np.ndarray:
 
 def run_gate(
     fp32: Engine,
-    reduced: Any,
+    reduced: Engine,
     precision: str,
     labels: list[str],
     data: GateData,
@@ -144,7 +150,7 @@ def run_gate(
     agreement = float(np.mean(a32.argmax(1) == ared.argmax(1)))
     report: dict[str, Any] = {
         "precision": precision,
-        "engine": ENGINES[precision],
+        "engine": ENGINE_OF_PRECISION[precision],
         "thresholds": asdict(thresholds),
         "agreement": {
             "source": data.agreement_source,

@@ -6,8 +6,9 @@ classification extension reads. Both describe the highest version, because that 
 servers serve (`version_policy: latest 1` mirrors the service). Our service ignores them: it only
 reads numbered directories.
 
-The text is rendered here by hand so that exporting needs no Triton package; the tests parse it
-with Triton's own `ModelConfig` protobuf definition.
+The text is rendered here by hand so that exporting needs no Triton package (Triton's
+`model_config_pb2` ships only inside tritonclient's gRPC client, which does not import without
+grpcio); the tests parse it with that `ModelConfig` protobuf definition.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import repository
+from service import repository
+from service.settings import Settings
 
 CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
-# The service's default batching window (service.settings: max_delay_ms = 5).
-MAX_QUEUE_DELAY_US = 5_000
+# The service's default batching window, so that both servers batch alike.
+MAX_QUEUE_DELAY_US = round(Settings.model_fields["max_delay_ms"].default * 1000)
 DATA_TYPES = {
     "float32": "TYPE_FP32",
     "float16": "TYPE_FP16",
@@ -136,7 +138,7 @@ def write_model_config(repo: Path, name: str) -> Path:
     versions = repository.versions(repo, name)
     if not versions:
         raise TritonConfigError(f"{repo / name} has no version to describe")
-    metadata = repository.read_metadata(repo, name, versions[-1])
+    metadata = repository.read_metadata(repo / name / str(versions[-1])).model_dump(mode="json")
     classes = _dims(metadata["outputs"]["logits"])[-1]
     if len(metadata["labels"]) != classes:
         raise TritonConfigError(f"{len(metadata['labels'])} labels for {classes} classes")

@@ -3,7 +3,8 @@
 Flags are generated from `Settings`, one per field, each also readable from its `RESNET_SERVE_*`
 variable. On SIGTERM or SIGINT, /readyz turns 503 at once; after `--drain-delay-ms` the listener
 closes, accepted requests finish (queued images included), the models are released, and the
-process exits 0. Exit status 2: bad configuration or repository; 1: a model failed to load.
+process exits 0. Exit status 2: bad configuration or repository; 1: a model failed to load;
+3: the server never started (for example, the port is taken).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from .api import create_app
 from .engine import EngineError
 from .repository import RepositoryError
-from .serving import ModelServer
+from .serving import DataPlane
 from .settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("service")
@@ -62,11 +63,11 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         parser.error(problems)
 
 
-class _Server(uvicorn.Server):
+class DrainingServer(uvicorn.Server):
     """uvicorn with a readiness flip on the first stop signal, and an optional drain delay
     between that flip and closing the listener."""
 
-    def __init__(self, config: uvicorn.Config, model_server: ModelServer, drain_ms: int) -> None:
+    def __init__(self, config: uvicorn.Config, model_server: DataPlane, drain_ms: int) -> None:
         super().__init__(config)
         self._model_server = model_server
         self._drain_s = drain_ms / 1000.0
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    server: _Server | None = None
+    server: DrainingServer | None = None
 
     def stop() -> None:
         if server is not None:
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RepositoryError, EngineError, ValueError) as exc:
         log.critical("cannot start: %s", exc)
         return 2
-    model_server: ModelServer = app.state.server
+    model_server: DataPlane = app.state.server
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Every accepted request ends by its own timeout; this only bounds a stuck shutdown.
         timeout_graceful_shutdown=settings.request_timeout_ms / 1000.0 + 5.0,
     )
-    server = _Server(config, model_server, settings.drain_delay_ms)
+    server = DrainingServer(config, model_server, settings.drain_delay_ms)
     # uvicorn re-raises the stop signal after its graceful shutdown; a graceful stop is a
     # success here, so let that re-raised signal end in `return` rather than a signal death.
     for sig in (signal.SIGINT, signal.SIGTERM):

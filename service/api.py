@@ -1,4 +1,5 @@
-"""The HTTP adapter: thin routes over the data plane in `serving`, and `create_app(settings)`.
+"""The HTTP adapter: thin routes over the data plane in `serving` (`DataPlane`), and
+`create_app(settings)`.
 
 No app exists until `create_app` is called; everything an app needs hangs off `app.state.server`.
 """
@@ -18,10 +19,11 @@ from starlette.responses import Response
 
 from .bodies import FILE_PART, read_images
 from .dependencies import Server
-from .disconnect import unless_disconnected
-from .errors import InvalidParameterError, install_error_handlers
+from .disconnect import client_gone
+from .errors import install_error_handlers
 from .metrics import Metrics
 from .oip import router as oip_router
+from .repository import ModelEntry
 from .schemas import (
     ClassifyResponse,
     EmbedResponse,
@@ -32,7 +34,7 @@ from .schemas import (
     ModelsResponse,
     ReadyResponse,
 )
-from .serving import ModelServer
+from .serving import DataPlane
 from .settings import Settings
 
 NPY = "application/x-npy"
@@ -76,7 +78,6 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorResponse, "description": descriptions[s]} for s in statuses}
 
 
-DEFAULT_TOP_K = 5
 _INFERENCE_ERRORS = _errors(400, 404, 413, 415, 422, 503, 504)
 
 ModelParam = Annotated[
@@ -104,18 +105,11 @@ async def classify(
         Query(ge=1, description="classes per image, highest first (default: 5, or all if fewer)"),
     ] = None,
 ) -> Response:
-    async with server.request(model, "classify") as served:
-        entry = served.entry
-        if top_k is None:
-            top_k = min(DEFAULT_TOP_K, entry.num_classes)
-        elif top_k > entry.num_classes:
-            raise InvalidParameterError(
-                f"top_k={top_k} exceeds the model's {entry.num_classes} classes"
-            )
+    async with server.request(model, "classify", disconnected=client_gone(request)) as call:
+        k = call.top_k(top_k)
         blobs = await _images(request, server.settings)
-        logits, _ = await unless_disconnected(request, server.infer(served, blobs))
-    predictions = top_k_predictions(logits, entry.labels, top_k)
-    return JSONResponse({"model": entry.name, "version": entry.version, "predictions": predictions})
+        predictions = await call.classify(blobs, k)
+    return JSONResponse({**_answered_by(call.entry), "predictions": predictions})
 
 
 @router.post(
@@ -126,7 +120,8 @@ async def classify(
         200: {
             "content": {NPY: {}},
             "description": "JSON by default; with `Accept: application/x-npy`, the float32 "
-            "[N, dim] array in NumPy's .npy format (model and version in X-Model headers)",
+            "[N, dim] array in NumPy's .npy format (model, version and trained in X-Model "
+            "headers)",
         },
     },
     openapi_extra=_IMAGE_BODY,
@@ -138,28 +133,28 @@ async def embed(
     model: ModelParam = None,
     normalize: Annotated[bool, Query(description="scale each embedding to unit L2 norm")] = False,
 ) -> Response:
-    async with server.request(model, "embed") as served:
+    async with server.request(model, "embed", disconnected=client_gone(request)) as call:
         blobs = await _images(request, server.settings)
-        _, embeddings = await unless_disconnected(request, server.infer(served, blobs))
-    if normalize:
-        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-        embeddings = embeddings / np.maximum(norms, np.finfo(np.float32).tiny)
-    entry = served.entry
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if NPY in request.headers.get("accept", ""):
+        embeddings = await call.embed(blobs, normalize=normalize)
+    entry = call.entry
+    if wants_npy(request.headers.get("accept", "")):
         # Binary for clients that ask: no float formatting or parsing at either end.
         buffer = io.BytesIO()
         np.save(buffer, embeddings, allow_pickle=False)
-        headers = {"X-Model": entry.name, "X-Model-Version": str(entry.version)}
-        return Response(buffer.getvalue(), media_type=NPY, headers=headers)
-    return JSONResponse(
-        {
-            "model": entry.name,
-            "version": entry.version,
-            "dim": int(embeddings.shape[1]),
-            "embeddings": embeddings,
+        headers = {
+            "X-Model": entry.name,
+            "X-Model-Version": str(entry.version),
+            "X-Model-Trained": "true" if entry.trained else "false",
         }
-    )
+        return Response(buffer.getvalue(), media_type=NPY, headers=headers)
+    body = {**_answered_by(entry), "dim": int(embeddings.shape[1]), "embeddings": embeddings}
+    return JSONResponse(body)
+
+
+def _answered_by(entry: ModelEntry) -> dict[str, Any]:
+    """Which model answered, and whether its weights were trained (random weights answer too,
+    with predictions that mean nothing)."""
+    return {"model": entry.name, "version": entry.version, "trained": entry.trained}
 
 
 @router.get("/models", response_model=ModelsResponse, summary="Every served model")
@@ -210,25 +205,35 @@ async def _images(request: Request, settings: Settings) -> list[bytes]:
     )
 
 
-def top_k_predictions(
-    logits: np.ndarray, labels: tuple[str, ...], k: int
-) -> list[list[dict[str, Any]]]:
-    """Softmax (in float64, so that small probabilities keep their digits), best k per row."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    probabilities = np.exp(shifted)
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    return [
-        [{"index": int(i), "label": labels[i], "score": float(row[i])} for i in indices]
-        for row, indices in zip(probabilities, order, strict=True)
-    ]
+def wants_npy(accept: str) -> bool:
+    """Whether an Accept header prefers .npy to JSON (RFC 9110 media ranges with q-values): .npy
+    only when named explicitly with q > 0 and at least JSON's q; JSON otherwise."""
+    npy = json = 0.0
+    named_npy = named_json = False
+    for media_range in accept.split(","):
+        media, *params = (part.strip().lower() for part in media_range.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media == NPY:
+            npy, named_npy = q, True
+        elif media == "application/json":
+            json, named_json = q, True
+        elif media in ("application/*", "*/*") and not named_json:
+            json = max(json, q)
+    return named_npy and npy > 0 and npy >= json
 
 
 def create_app(settings: Settings, *, on_fatal: Callable[[], None] | None = None) -> FastAPI:
     """The service for `settings`. Reads the repository now (a bad one raises here); sessions
     are built and warmed in the background once the app starts. `on_fatal` is called when that
     fails, so that the process can exit non-zero instead of never becoming ready."""
-    server = ModelServer(settings, Metrics(), on_fatal=on_fatal)
+    server = DataPlane(settings, Metrics(), on_fatal=on_fatal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

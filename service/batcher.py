@@ -3,12 +3,20 @@
 A batch closes at `max_batch_size` images or `max_delay_ms` after its first image arrived,
 whichever comes first; while a batch runs (in a thread, off the event loop), the next one fills
 up, so under load batches grow by themselves and at low load an image waits at most
-`max_delay_ms`. Waiting images (reserved while they are decoded, queued, or in the batch being
-formed) are bounded: a request that does not fit is refused whole (503), never half-queued, and
-before any decoding is spent on it, so that a burst far above capacity is turned away at once.
-Each image has its own future; a request awaits its images' futures in order, so results come
-back in request order even when its images span several batches. An image whose request has
-gone (timed out, client disconnected) is dropped before its batch runs.
+`max_delay_ms`.
+
+One way in: `async with batcher.admit(n) as ticket: ... await ticket.run(images)`. Admission
+takes room for `n` images in the bounded queue at once, or refuses the whole request (503) before
+any decoding is spent on it, so that a burst far above capacity is turned away at once; the room
+stays the ticket's while its images are decoded, moves with them into the queue, and whatever was
+not used comes back when the block ends. The bound therefore holds by construction, whatever
+runs between admission and `run`.
+
+A ticket's results stay a batch: each inference run copies its rows straight into the ticket's
+output arrays, and `run` returns them whole ([n, ...] per output, in request order) once every
+row is in, even when the request's images span several batches. Images of a ticket whose request
+has gone (timed out, client disconnected, a sibling image failed) are dropped before their batch
+runs.
 """
 
 from __future__ import annotations
@@ -16,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,11 +40,70 @@ InferFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 Outputs = tuple[np.ndarray, ...]
 
 
+class Ticket:
+    """Room for up to `size` images of one request, and their results once run."""
+
+    def __init__(self, batcher: Batcher, size: int) -> None:
+        self._batcher = batcher
+        self.size = size
+        self._held = size  # room not yet handed to the queue
+        self._images: np.ndarray | None = None
+        self._outputs: list[np.ndarray] | None = None
+        self._missing = 0
+        self._done: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+
+    @property
+    def gone(self) -> bool:
+        """The request no longer waits for these images (or they failed)."""
+        return self._done.done()
+
+    async def run(self, images: np.ndarray) -> Outputs:
+        """Outputs for `images` [k <= size, ...]: one array [k, ...] per model output, in order."""
+        if self._images is not None:
+            raise RuntimeError("a ticket runs once")
+        if not 0 < len(images) <= self._held:
+            raise ValueError(f"{len(images)} images for a ticket of {self._held}")
+        if self._batcher._closed:  # admitted before the batcher began to stop; too late now
+            raise NotReadyError(
+                f"model {self._batcher.name} is stopping",
+                retry_after_s=self._batcher._retry_after_s,
+            )
+        self._images, self._missing = images, len(images)
+        self._held -= len(images)  # from now on the queue accounts for them
+        now = time.monotonic()
+        for index in range(len(images)):
+            self._batcher._queue.put_nowait(_Item(self, index, now))
+        # Cancelling this await (timeout, disconnect) cancels `_done`: the queued images are
+        # dropped before their batch runs.
+        return await self._done
+
+    def _deliver(self, index: int, outputs: Sequence[np.ndarray], row: int) -> None:
+        if self._outputs is None:
+            n = len(self._images) if self._images is not None else 0
+            self._outputs = [np.empty((n, *o.shape[1:]), dtype=o.dtype) for o in outputs]
+        for target, output in zip(self._outputs, outputs, strict=True):
+            target[index] = output[row]
+        self._missing -= 1
+        if self._missing == 0 and not self._done.done():
+            self._done.set_result(tuple(self._outputs))
+
+    def _fail(self, error: Exception) -> None:
+        if not self._done.done():
+            self._done.set_exception(error)
+            self._done.exception()  # seen here; `run` re-raises it
+
+
 @dataclass(eq=False, slots=True)
 class _Item:
-    image: np.ndarray
-    future: asyncio.Future[Outputs]
+    ticket: Ticket
+    index: int
     enqueued: float
+
+    @property
+    def image(self) -> np.ndarray:
+        images = self.ticket._images
+        assert images is not None
+        return images[self.index]
 
 
 class Batcher:
@@ -86,11 +154,17 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            await asyncio.to_thread(self._executor.shutdown, wait=True)
             self._executor = None
 
+    @property
+    def waiting(self) -> int:
+        """Images admitted and not yet running: held by tickets, queued, or in a forming batch."""
+        return self._waiting
+
     def ensure_room(self, count: int) -> None:
-        """Raise QueueFullError unless `count` more images fit the queue now."""
+        """Raise QueueFullError unless `count` more images fit the queue now (a check only: it
+        takes nothing; the service uses it to refuse before reading a request's body)."""
         if self._waiting + count > self.max_queue_images:
             raise QueueFullError(
                 f"model {self.name}: {self._waiting} images waiting, "
@@ -98,37 +172,28 @@ class Batcher:
                 retry_after_s=self._retry_after_s,
             )
 
-    def reserve(self, count: int) -> None:
-        """Count `count` images as waiting before they exist (while their request is decoded),
-        or raise NotReadyError / QueueFullError; `release(count)` gives the room back."""
+    @asynccontextmanager
+    async def admit(self, count: int) -> AsyncIterator[Ticket]:
+        """Room for `count` images from now until they have run, or NotReadyError /
+        QueueFullError (nothing taken). Room the ticket did not hand to the queue comes back
+        when the block ends, however it ends."""
         if self._closed or self._task is None:
             raise NotReadyError(
                 f"model {self.name} is not serving", retry_after_s=self._retry_after_s
             )
         self.ensure_room(count)
+        ticket = Ticket(self, count)
         self._set_waiting(count)
-
-    def release(self, count: int) -> None:
-        self._set_waiting(-count)
-
-    async def submit(self, images: np.ndarray) -> list[Outputs]:
-        """Outputs for each image of `images` [N, ...], in order; N must fit the queue whole."""
-        self.reserve(len(images))
-        loop = asyncio.get_running_loop()
-        now = time.monotonic()
-        futures: list[asyncio.Future[Outputs]] = []
-        for image in images:
-            future: asyncio.Future[Outputs] = loop.create_future()
-            self._queue.put_nowait(_Item(image, future, now))
-            futures.append(future)
         try:
-            return list(await asyncio.gather(*futures))
+            yield ticket
         finally:
-            for future in futures:
-                # After a timeout or a failed image the rest need not run; gather re-raised only
-                # the first error, so mark the others as seen.
-                if not future.cancel() and not future.cancelled():
-                    future.exception()
+            self._set_waiting(-ticket._held)
+            ticket._held = 0
+
+    async def submit(self, images: np.ndarray) -> Outputs:
+        """Admission and run in one call, for inputs that are ready (tensors, tests)."""
+        async with self.admit(len(images)) as ticket:
+            return await ticket.run(images)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -158,7 +223,7 @@ class Batcher:
                             item = await self._queue.get()
                     except TimeoutError:
                         break
-            if item.future.done():  # its request gave up (timeout, error in a sibling image)
+            if item.ticket.gone:  # its request gave up (timeout, error in a sibling image)
                 self._set_waiting(-1)
                 self._queue.task_done()
                 continue
@@ -171,7 +236,7 @@ class Batcher:
         start = time.monotonic()
         self._set_waiting(-len(batch))
         # Requests can give up while their batch forms (up to max_delay_ms): skip their images.
-        batch = [item for item in batch if not item.future.done()]
+        batch = [item for item in batch if not item.ticket.gone]
         if not batch:
             return
         for item in batch:
@@ -192,9 +257,9 @@ class Batcher:
             error.__cause__ = exc
             self._fail(batch, error)
         else:
-            for index, item in enumerate(batch):
-                if not item.future.done():
-                    item.future.set_result(tuple(output[index] for output in outputs))
+            for row, item in enumerate(batch):
+                if not item.ticket.gone:
+                    item.ticket._deliver(item.index, outputs, row)
         finally:
             self._inference_latency.observe(time.monotonic() - start)
 
@@ -205,5 +270,4 @@ class Batcher:
     @staticmethod
     def _fail(batch: list[_Item], error: Exception) -> None:
         for item in batch:
-            if not item.future.done():
-                item.future.set_exception(error)
+            item.ticket._fail(error)

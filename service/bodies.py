@@ -49,7 +49,12 @@ async def read_images(request: Request, *, max_bytes: int, max_images: int) -> l
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    if (
+        declared is not None
+        and declared.isascii()
+        and declared.isdigit()
+        and int(declared) > max_bytes
+    ):
         raise RequestTooLargeError(f"request body of {declared} bytes exceeds {max_bytes} bytes")
     chunks, size = [], 0
     try:

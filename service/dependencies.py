@@ -1,4 +1,4 @@
-"""The `Server` dependency of both routers (api.py and oip.py): the app's ModelServer."""
+"""The `Server` dependency of both routers (api.py and oip.py): the app's DataPlane."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from .serving import ModelServer
+from .serving import DataPlane
 
 
-async def _server(request: Request) -> ModelServer:
+async def _server(request: Request) -> DataPlane:
     """Async on purpose: FastAPI runs sync dependencies in its thread pool, a thread hop per
     request and up to 40 threads under a burst."""
-    server: ModelServer = request.app.state.server
+    server: DataPlane = request.app.state.server
     return server
 
 
-Server = Annotated[ModelServer, Depends(_server)]
+Server = Annotated[DataPlane, Depends(_server)]

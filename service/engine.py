@@ -13,18 +13,18 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, Self, get_args
 
 import numpy as np
 import onnxruntime as ort
 
-if TYPE_CHECKING:
-    from .openvino_engine import OpenVINOEngine
+from .repository import EngineName
+from .settings import CPU, CUDA, Settings
 
 log = logging.getLogger(__name__)
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
+__all__ = ["CPU", "CUDA", "Engine", "EngineConfig", "EngineError", "OrtEngine", "create_engine"]
+
 TENSORRT = "TensorrtExecutionProvider"
 # Providers whose sessions keep tensors on the GPU: IO binding and per-size warm-up pay there.
 GPU_PROVIDERS = (TENSORRT, CUDA)
@@ -35,17 +35,38 @@ class EngineError(RuntimeError):
     """A session could not be created as configured (missing provider, unreadable graph)."""
 
 
+class Engine(Protocol):
+    """What serving and the exporter's gates need of an engine (`OrtEngine`, `OpenVINOEngine`)."""
+
+    provider: str
+    providers: list[str]
+    io_binding: bool
+    # Optional, read with getattr (OpenVINO has none of them): the batch sizes with bound
+    # buffers, whether a CUDA graph replays, and how many runs warm each size.
+    # bound_batch_sizes: list[int]; cuda_graph: bool; warm_runs: int
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Outputs (float32, in the metadata's output order) for a float32 batch [N, C, H, W]."""
+        ...
+
+
+def _default(field: str) -> Any:
+    """The service's default for a session setting: one default, in `Settings`."""
+    return Settings.model_fields[field].default
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """How sessions are built. `providers="auto"` means CUDA first when present, then CPU."""
+    """How sessions are built. `providers="auto"` means CUDA first when present, then CPU.
+    Defaults are the service's (`Settings`); the exporter's gates use them too."""
 
     providers: tuple[str, ...] | str = "auto"
-    require_cuda: bool = False
-    intra_op_threads: int = 0  # 0: one per available core
+    require_cuda: bool = _default("require_cuda")
+    intra_op_threads: int = _default("intra_op_threads")  # 0: one per available core
     inter_op_threads: int = 1
-    allow_spinning: bool = True
+    allow_spinning: bool = _default("allow_spinning")
     graph_optimization: str = "all"  # disable | basic | extended | all
-    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # EXHAUSTIVE | HEURISTIC | DEFAULT
+    cudnn_conv_algo_search: str = _default("cudnn_conv_algo_search")
     cuda_device_id: int = 0
     # auto: bound on the GPU only; on: bound wherever the session runs (CPU OrtValues included)
     io_binding: str = "auto"
@@ -56,6 +77,25 @@ class EngineConfig:
     tensorrt: bool = False  # TensorRT first, then CUDA, then CPU
     tensorrt_cache_dir: str | None = None  # default: REPO/.tensorrt-cache/<name>/<version>
     max_batch_size: int = 32  # the largest TensorRT optimization profile
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        """How the service builds sessions (the benchmark builds them the same way)."""
+        return cls(
+            providers=settings.provider_list,
+            require_cuda=settings.require_cuda,
+            intra_op_threads=settings.intra_op_threads,
+            allow_spinning=settings.allow_spinning,
+            cudnn_conv_algo_search=settings.cudnn_conv_algo_search,
+            io_binding=settings.io_binding,
+            cuda_tf32=settings.cuda_tf32,
+            cuda_graph=settings.cuda_graph,
+            tensorrt=settings.tensorrt,
+            tensorrt_cache_dir=(
+                str(settings.tensorrt_cache_dir) if settings.tensorrt_cache_dir else None
+            ),
+            max_batch_size=settings.max_batch_size,
+        )
 
 
 _OPT_LEVELS = {
@@ -319,8 +359,8 @@ class BoundBatch:
     run_options: ort.RunOptions
 
 
-class Engine:
-    """One session for one graph, checked against the metadata it is served with.
+class OrtEngine:
+    """One onnxruntime session for one graph, checked against the metadata it is served with.
 
     With IO binding (on GPU providers by default, anywhere with `io_binding="on"`), every batch
     size gets its input and output buffers on the device once, bound once, and reused by every
@@ -450,20 +490,25 @@ class Engine:
 
 
 def warm(
-    engine: Engine | OpenVINOEngine, batch_sizes: Iterable[int], input_shape: tuple[int, ...]
+    engine: Engine,
+    batch_sizes: Iterable[int],
+    input_shape: tuple[int, ...],
+    *,
+    stop: threading.Event | None = None,
 ) -> list[int]:
-    """Run every batch size once, so that no request pays for a first run (cuDNN's algorithm
-    search, memory arena growth); the sizes warmed."""
+    """Run every batch size (`engine.warm_runs` times, once when it has none), so that no
+    request pays for a first run (cuDNN's algorithm search, memory arena growth, a CUDA graph
+    capture); the sizes warmed. Once `stop` is set, no further size starts
+    (a SIGTERM during a long CUDA warm-up waits for one run, not for all of them)."""
     warmed = []
     runs = getattr(engine, "warm_runs", 1)
     for size in batch_sizes:
+        if stop is not None and stop.is_set():
+            break
         for _ in range(runs):
             engine.run(np.zeros((size, *input_shape), dtype=np.float32))
         warmed.append(size)
     return warmed
-
-
-ENGINES = ("onnxruntime", "openvino")
 
 
 def create_engine(
@@ -475,11 +520,11 @@ def create_engine(
     input_name: str,
     output_names: list[str],
     input_shape: tuple[int, ...],
-) -> Engine | OpenVINOEngine:
+) -> Engine:
     """The engine a model's metadata asks for: onnxruntime (fp32, int8; CPU or CUDA) or OpenVINO
     (bf16 on the CPU). Both offer `run`, `provider`, `providers` and `io_binding`."""
     if engine == "onnxruntime":
-        return Engine(
+        return OrtEngine(
             model_path,
             config,
             input_name=input_name,
@@ -499,4 +544,6 @@ def create_engine(
             output_names=output_names,
             input_shape=input_shape,
         )
-    raise EngineError(f"{model_path}: unknown engine {engine!r}; choose one of {ENGINES}")
+    raise EngineError(
+        f"{model_path}: unknown engine {engine!r}; choose one of {get_args(EngineName)}"
+    )

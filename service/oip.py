@@ -29,6 +29,7 @@ from starlette.responses import Response
 
 from .bodies import read_body
 from .dependencies import Server
+from .disconnect import client_gone
 from .errors import OIP_PREFIX, ModelNotFoundError
 from .oip_codec import (
     HEADER_LENGTH,
@@ -41,7 +42,7 @@ from .oip_codec import (
 )
 from .repository import ModelEntry
 from .schemas import JSONResponse
-from .serving import ModelServer, ServedModel
+from .serving import DataPlane, ServedModel
 from .settings import Settings
 
 EXTENSIONS = ("binary_tensor_data", "classification")
@@ -169,7 +170,7 @@ def describe(entry: ModelEntry) -> dict[str, Any]:
     }
 
 
-def _find(server: ModelServer, name: str, version: str | None) -> ServedModel:
+def _find(server: DataPlane, name: str, version: str | None) -> ServedModel:
     return _check_version(server.resolve(name), version)
 
 
@@ -182,7 +183,7 @@ def _check_version(model: ServedModel, version: str | None) -> ServedModel:
     return model
 
 
-def _model_ready(server: ModelServer, name: str, version: str | None) -> Response:
+def _model_ready(server: DataPlane, name: str, version: str | None) -> Response:
     try:
         model = _find(server, name, version)
     except ModelNotFoundError:
@@ -190,10 +191,10 @@ def _model_ready(server: ModelServer, name: str, version: str | None) -> Respons
     return Response(status_code=200 if model.state == "ready" else 400)
 
 
-async def _infer(request: Request, server: ModelServer, name: str, version: str | None) -> Response:
+async def _infer(request: Request, server: DataPlane, name: str, version: str | None) -> Response:
     settings = server.settings
-    async with server.request(name, "v2_infer") as served:
-        entry = _check_version(served, version).entry
+    async with server.request(name, "v2_infer", disconnected=client_gone(request)) as call:
+        entry = _check_version(call.model, version).entry
         body = await read_body(request, settings.max_request_bytes)
         headers = request.headers
         encoding = headers.get("content-encoding", "identity").strip().lower()
@@ -201,9 +202,9 @@ async def _infer(request: Request, server: ModelServer, name: str, version: str 
         inline = len(body) <= _PARSE_INLINE_BYTES and encoding in ("", "identity")
         parsed = parse() if inline else await asyncio.to_thread(parse)
         if parsed.images is not None:
-            logits, embeddings = await server.infer_tensors(served, parsed.images)
+            logits, embeddings = await call.infer_tensors(parsed.images)
         else:
-            logits, embeddings = await server.infer(served, parsed.blobs)
+            logits, embeddings = await call.infer(parsed.blobs)
     results = {entry.logits_name: logits, entry.embedding_name: embeddings}
     header, chunks = encode_outputs(entry, parsed, results)
     if not chunks:

@@ -23,6 +23,7 @@ from .errors import (
     TooManyImagesError,
     UnsupportedMediaTypeError,
 )
+from .postprocess import classifications
 from .repository import ModelEntry
 
 IMAGE_BYTES = "image_bytes"
@@ -250,17 +251,6 @@ def _requested_outputs(
             raise _bad(f"output {name!r}: binary_data must be a boolean")
         outputs.append(RequestedOutput(name, classes, binary))
     return outputs
-
-
-def classifications(values: np.ndarray, k: int, labels: tuple[str, ...]) -> list[str]:
-    """Triton's classification extension: the k highest values of each row, highest first, as
-    "value:index[:label]" (row-major [N, k])."""
-    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
-    return [
-        f"{row[i]!s}:{i}:{labels[i]}" if labels else f"{row[i]!s}:{i}"
-        for row, indices in zip(values, order, strict=True)
-        for i in indices
-    ]
 
 
 def encode_outputs(

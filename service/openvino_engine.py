@@ -7,7 +7,7 @@ beside either build and reads the same ONNX graph. On the 2-core Xeon (AMX) of o
 runs ResNet-50 at 7.5 ms (batch 1) and 40 ms (batch 8) in bf16, against 28 and 195 ms for
 onnxruntime fp32 (`make bench`, README "Latency per depth").
 
-Same interface as `engine.Engine`: `run`, `provider`, `providers`, `io_binding`.
+An `engine.Engine`, as `engine.OrtEngine` is: `run`, `provider`, `providers`, `io_binding`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from .engine import EngineError, available_cores
 
 # Our precision names -> OpenVINO's INFERENCE_PRECISION_HINT, and the capability it needs.
-PRECISIONS = {"bf16": ("bf16", "BF16"), "fp32": ("f32", "FP32")}
+INFERENCE_PRECISION = {"bf16": ("bf16", "BF16"), "fp32": ("f32", "FP32")}
 
 
 class OpenVINOEngine:
@@ -40,9 +40,9 @@ class OpenVINOEngine:
                 f"{model_path} is served with OpenVINO ({precision}), which is not installed: "
                 "pip install 'resnet-serve[openvino]'"
             ) from None
-        if precision not in PRECISIONS:
+        if precision not in INFERENCE_PRECISION:
             raise EngineError(f"OpenVINO engine: unknown precision {precision!r}")
-        hint, capability = PRECISIONS[precision]
+        hint, capability = INFERENCE_PRECISION[precision]
         core = ov.Core()
         capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         if capability not in capabilities:

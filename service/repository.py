@@ -1,16 +1,28 @@
-"""Reads a model repository (docs/repository.md): the highest version of every model.
+"""The model repository contract (docs/repository.md), torch-free: `ModelMetadata`, the one typed
+object the exporter writes and the service validates, and the repository on disk,
+REPO/<name>/<version>/{model.onnx, metadata.json}.
 
-Only metadata is read here; sessions are built by the engine. Model names in URLs are looked up
-in the dict this returns and never used as paths.
+Writes are atomic: everything goes into a hidden temporary directory beside the target, which is
+renamed into place only when complete. A reader never sees a half-written version, and a failed
+export leaves nothing of its own behind (and never removes anything another writer published).
+Reads return the highest version of every model; sessions are built by the engine. Model names in
+URLs are looked up in the dict `scan_repository` returns and never used as paths.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import functools
 import logging
+import os
+import re
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.hashing import sha256_file
 from models.preprocessing import Preprocessing
@@ -18,39 +30,107 @@ from models.preprocessing import Preprocessing
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+Precision = Literal["fp32", "bf16", "int8", "fp16"]
+EngineName = Literal["onnxruntime", "openvino"]
 
 
 class RepositoryError(ValueError):
-    """The repository cannot be served as it is (empty, malformed metadata, missing graph)."""
+    """The repository cannot be written or served as it is: a bad name, an existing version,
+    malformed metadata, a missing or altered graph."""
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    """One servable model version: where its graph is and everything needed to feed it."""
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    version: int
-    path: Path
-    metadata: dict[str, Any]
+    shape: list[int | None] = Field(description="null for the (dynamic) batch axis")
+    dtype: Literal["float32"] = "float32"
+
+
+class Outputs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    logits: TensorSpec
+    embedding: TensorSpec
+
+
+class Weights(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    source: str = Field(description="a checkpoint path, random:SEED or the official weights")
+    sha256: str | None = Field(None, description="of the checkpoint file or of the state dict")
+    trained: bool = Field(False, description="false for random weights: predictions mean nothing")
+
+
+class Report(BaseModel):
+    """A gate's report (parity, precision gate): `passed` plus its measurements, kept as written."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    passed: bool
+
+
+class ModelMetadata(BaseModel):
+    """metadata.json, format_version 1. Fields the service needs are required; descriptive ones
+    that older or hand-written entries may lack have defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str = Field(pattern=NAME.pattern)
+    version: int = Field(ge=1)
+    arch: str = ""
+    family: str = Field("", description='"imagenet" | "cifar"')
+    depth: int | None = None
+    block: str | None = Field(None, description='"basic" | "bottleneck"')
+    preact: bool | None = None
+    plain: bool | None = None
+    shortcut: str | None = Field(None, description='"A" | "B"')
+    created_at: str | None = None
+    model_file: str = "model.onnx"
+    model_sha256: str | None = None
+    precision: Precision = "fp32"
+    engine: EngineName = Field("onnxruntime", description="openvino: bf16 on AMX")
+    input: TensorSpec
+    outputs: Outputs
+    num_classes: int = Field(ge=1)
+    embedding_dim: int = Field(ge=1)
+    labels: list[str]
     preprocessing: Preprocessing
-    input_name: str
-    logits_name: str
-    embedding_name: str
-    labels: tuple[str, ...]
-    num_classes: int
-    embedding_dim: int
-    verified_max_batch_size: int | None
-    engine: str = "onnxruntime"
-    precision: str = "fp32"
+    weights: Weights
+    params: int | None = None
+    macs: int | None = None
+    max_batch_size: int | None = Field(None, ge=1, description="largest batch parity verified")
+    parity: Report
+    precision_gate: Report | None = Field(None, description="bf16/int8/fp16 only")
+    export: dict[str, Any] | None = Field(
+        None, description="exporter, opset and the library versions that wrote it"
+    )
 
-    @property
-    def model_file(self) -> Path:
-        return self.path / self.metadata["model_file"]
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if Path(self.model_file).name != self.model_file or self.model_file in ("", ".", ".."):
+            raise ValueError(f"model_file {self.model_file!r} is not a plain file name")
+        if not self.model_file.endswith(".onnx"):
+            # Serving reads ONNX graphs (protobuf) and nothing else: no pickle, no other format an
+            # engine's readers would also accept.
+            raise ValueError(f"model_file {self.model_file!r} is not an .onnx graph")
+        if len(self.labels) != self.num_classes:
+            raise ValueError(f"{len(self.labels)} labels for {self.num_classes} classes")
+        return self
 
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        crop = self.preprocessing.crop
-        return (3, crop, crop)
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+
+def validate_name(name: str) -> str:
+    if not NAME.match(name) or name in {".", ".."}:
+        raise RepositoryError(
+            f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (max 128)"
+        )
+    return name
 
 
 def version_numbers(model_dir: Path) -> list[int]:
@@ -60,8 +140,144 @@ def version_numbers(model_dir: Path) -> list[int]:
     return sorted(
         int(d.name)
         for d in model_dir.iterdir()
-        if d.is_dir() and d.name.isdigit() and d.name.isascii() and int(d.name) > 0
+        if d.is_dir() and d.name.isascii() and d.name.isdigit() and int(d.name) > 0
     )
+
+
+def versions(repo: Path, name: str) -> list[int]:
+    return version_numbers(repo / name)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable only once its directory is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_metadata(version_dir: Path) -> ModelMetadata:
+    """A version's metadata.json, validated; RepositoryError naming the entry and the field."""
+    where = f"{version_dir.parent.name} version {version_dir.name} ({version_dir})"
+    try:
+        text = (version_dir / METADATA_FILE).read_text("utf-8")
+    except OSError as exc:
+        raise RepositoryError(f"{where}: cannot read {METADATA_FILE}: {exc}") from exc
+    try:
+        return ModelMetadata.model_validate_json(text)
+    except ValidationError as exc:
+        raise RepositoryError(f"{where}: invalid {METADATA_FILE}: {_problems(exc)}") from None
+
+
+def _problems(exc: ValidationError) -> str:
+    """One line per problem: `field.path: message` (a missing field says "missing field")."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "metadata"
+        message = "missing field" if error["type"] == "missing" else error["msg"]
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)
+
+
+def write_version(repo: Path, metadata: ModelMetadata, model_file: Path) -> Path:
+    """Copy `model_file` and write `metadata` as REPO/<name>/<version>, atomically."""
+    name, version = validate_name(metadata.name), metadata.version
+    model_dir = repo / name
+    target = model_dir / str(version)
+    if target.exists():
+        raise RepositoryError(f"{target} already exists; versions are never overwritten")
+    created_model_dir = not model_dir.exists()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".tmp-{uuid.uuid4().hex}"
+    try:
+        tmp.mkdir()
+        shutil.copyfile(model_file, tmp / metadata.model_file)
+        (tmp / METADATA_FILE).write_text(metadata.to_json(), "utf-8")
+        for path in (tmp / metadata.model_file, tmp / METADATA_FILE):
+            fsync_path(path)
+        os.rename(tmp, target)  # fails if another writer created the version meanwhile
+        fsync_path(model_dir)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created_model_dir:
+            # Only if still empty: a concurrent exporter may have published a version there
+            # meanwhile, and a finished version is never deleted.
+            with contextlib.suppress(OSError):
+                os.rmdir(model_dir)
+        if isinstance(exc, OSError):
+            raise RepositoryError(f"cannot write {target}: {exc}") from exc
+        raise
+    return target
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One servable model version: where its graph is, and its validated metadata."""
+
+    path: Path
+    metadata: ModelMetadata
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def version(self) -> int:
+        return self.metadata.version
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.metadata.preprocessing
+
+    @property
+    def input_name(self) -> str:
+        return self.metadata.input.name
+
+    @property
+    def logits_name(self) -> str:
+        return self.metadata.outputs.logits.name
+
+    @property
+    def embedding_name(self) -> str:
+        return self.metadata.outputs.embedding.name
+
+    @property
+    def num_classes(self) -> int:
+        return self.metadata.num_classes
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.metadata.embedding_dim
+
+    @property
+    def verified_max_batch_size(self) -> int | None:
+        return self.metadata.max_batch_size
+
+    @property
+    def engine(self) -> str:
+        return self.metadata.engine
+
+    @property
+    def precision(self) -> str:
+        return self.metadata.precision
+
+    @property
+    def trained(self) -> bool:
+        return self.metadata.weights.trained
+
+    @functools.cached_property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.metadata.labels)
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / self.metadata.model_file
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        crop = self.preprocessing.crop
+        return (3, crop, crop)
 
 
 def scan_repository(root: Path) -> dict[str, ModelEntry]:
@@ -72,12 +288,11 @@ def scan_repository(root: Path) -> dict[str, ModelEntry]:
     for model_dir in sorted(root.iterdir()):
         if model_dir.name.startswith(".") or not model_dir.is_dir():
             continue
-        versions = version_numbers(model_dir)
-        if not versions:
+        numbers = version_numbers(model_dir)
+        if not numbers:
             log.warning("skipping %s: no version directories", model_dir)
             continue
-        version_dir = model_dir / str(max(versions))
-        entries[model_dir.name] = load_entry(version_dir)
+        entries[model_dir.name] = load_entry(model_dir / str(max(numbers)))
     if not entries:
         raise RepositoryError(
             f"model repository {root} holds no models (expected REPO/<name>/<version>/)"
@@ -86,62 +301,21 @@ def scan_repository(root: Path) -> dict[str, ModelEntry]:
 
 
 def load_entry(version_dir: Path) -> ModelEntry:
+    """The metadata validated, then what the files must agree with: its directory, the gate's
+    verdict, the graph's presence and digest."""
     name, version = version_dir.parent.name, int(version_dir.name)
     where = f"{name} version {version} ({version_dir})"
-    try:
-        metadata = json.loads((version_dir / "metadata.json").read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RepositoryError(f"{where}: cannot read metadata.json: {exc}") from exc
-    if not isinstance(metadata, dict):
-        raise RepositoryError(f"{where}: metadata.json is not an object")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    metadata = read_metadata(version_dir)
+    if metadata.name != name or metadata.version != version:
         raise RepositoryError(
-            f"{where}: metadata format_version {metadata.get('format_version')!r} "
-            f"is not {FORMAT_VERSION}"
+            f"{where}: metadata names {metadata.name!r} version {metadata.version!r}, "
+            "not the directory it is in"
         )
-    if metadata.get("name") != name or metadata.get("version") != version:
-        raise RepositoryError(
-            f"{where}: metadata names {metadata.get('name')!r} version "
-            f"{metadata.get('version')!r}, not the directory it is in"
-        )
-    model_file = metadata.setdefault("model_file", "model.onnx")
-    if not isinstance(model_file, str) or Path(model_file).name != model_file:
-        raise RepositoryError(f"{where}: model_file {model_file!r} is not a plain file name")
-    if not model_file.endswith(".onnx"):
-        # Serving reads ONNX graphs (protobuf) and nothing else: no pickle, no other format an
-        # engine's readers would also accept.
-        raise RepositoryError(f"{where}: model_file {model_file!r} is not an .onnx graph")
-    if metadata.get("parity", {}).get("passed") is not True:
+    if not metadata.parity.passed:
         raise RepositoryError(f"{where}: the export's parity check did not pass")
-    try:
-        entry = ModelEntry(
-            name=name,
-            version=version,
-            path=version_dir,
-            metadata=metadata,
-            preprocessing=Preprocessing.from_dict(metadata["preprocessing"]),
-            input_name=metadata["input"]["name"],
-            logits_name=metadata["outputs"]["logits"]["name"],
-            embedding_name=metadata["outputs"]["embedding"]["name"],
-            labels=tuple(str(label) for label in metadata["labels"]),
-            num_classes=int(metadata["num_classes"]),
-            embedding_dim=int(metadata["embedding_dim"]),
-            verified_max_batch_size=(
-                int(metadata["max_batch_size"]) if "max_batch_size" in metadata else None
-            ),
-            engine=str(metadata.get("engine", "onnxruntime")),
-            precision=str(metadata.get("precision", "fp32")),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise RepositoryError(f"{where}: invalid metadata.json: {detail}") from exc
-    if len(entry.labels) != entry.num_classes:
-        raise RepositoryError(
-            f"{where}: {len(entry.labels)} labels for {entry.num_classes} classes"
-        )
+    entry = ModelEntry(version_dir, metadata)
     if not entry.model_file.is_file():
         raise RepositoryError(f"{where}: {entry.model_file.name} is missing")
-    expected = metadata.get("model_sha256")
-    if expected and sha256_file(entry.model_file) != expected:
+    if metadata.model_sha256 and sha256_file(entry.model_file) != metadata.model_sha256:
         raise RepositoryError(f"{where}: {entry.model_file.name} does not match model_sha256")
     return entry

@@ -36,9 +36,16 @@ class Prediction(BaseModel):
     score: float = Field(description="softmax probability")
 
 
+TRAINED = Field(
+    description="whether the model's weights were trained; false for random weights, whose "
+    "predictions mean nothing"
+)
+
+
 class ClassifyResponse(BaseModel):
     model: str
     version: int
+    trained: bool = TRAINED
     predictions: list[list[Prediction]] = Field(
         description="one list per image, in request order, highest score first"
     )
@@ -47,6 +54,7 @@ class ClassifyResponse(BaseModel):
 class EmbedResponse(BaseModel):
     model: str
     version: int
+    trained: bool = TRAINED
     dim: int = Field(description="embedding size")
     embeddings: list[list[float]] = Field(
         description="one pooled (GAP) embedding per image, in request order"
@@ -66,6 +74,7 @@ class ModelInfo(BaseModel):
     family: str
     precision: str = Field(description="fp32, bf16, int8 or fp16: what the export's gate accepted")
     engine: str = Field(description="onnxruntime or openvino")
+    trained: bool = TRAINED
     state: Literal["loading", "ready", "failed"]
     num_classes: int
     embedding_dim: int
@@ -87,7 +96,7 @@ class ModelInfo(BaseModel):
         "graphs, TensorRT, JPEG decoder, fp16 on CPU) and what the engine made of them "
         "(cuda_graph_in_use, bound_batch_sizes)"
     )
-    metadata: dict[str, Any] = Field(description="the model's metadata.json, verbatim")
+    metadata: dict[str, Any] = Field(description="the model's metadata.json, as validated")
 
 
 class ModelsResponse(BaseModel):

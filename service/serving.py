@@ -1,5 +1,6 @@
 """The data plane, free of HTTP: which models are served, loading and warming them, readiness,
-and one inference request from image bytes to logits and embeddings.
+and one inference request (`DataPlane.request` -> `Call`) from image bytes or tensors to
+predictions and embeddings: decode -> admit -> batch -> post-process, in one direction.
 
 Construction reads the repository and checks the providers synchronously, so a bad repository
 or a CUDA requirement that cannot be met stops start-up before the port opens. Building
@@ -10,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from .batcher import Batcher
+from .batcher import Batcher, Outputs
+from .disconnect import unless_disconnected
 from .engine import (
     CUDA,
     GPU_PROVIDERS,
@@ -39,37 +42,18 @@ from .errors import (
 )
 from .gpu_decode import image_preprocessor
 from .metrics import Metrics
+from .postprocess import predictions, unit_norm
 from .repository import ModelEntry, scan_repository
 from .settings import Settings
-
-if TYPE_CHECKING:
-    from .openvino_engine import OpenVINOEngine
 
 log = logging.getLogger(__name__)
 
 ModelState = Literal["loading", "ready", "failed"]
+DEFAULT_TOP_K = 5
+T = TypeVar("T")
 
 
-def engine_config(settings: Settings) -> EngineConfig:
-    """How sessions are built from the service's settings (the benchmark uses it too)."""
-    return EngineConfig(
-        providers=settings.provider_list,
-        require_cuda=settings.require_cuda,
-        intra_op_threads=settings.intra_op_threads,
-        allow_spinning=settings.allow_spinning,
-        cudnn_conv_algo_search=settings.cudnn_conv_algo_search,
-        io_binding=settings.io_binding,
-        cuda_tf32=settings.cuda_tf32,
-        cuda_graph=settings.cuda_graph,
-        tensorrt=settings.tensorrt,
-        tensorrt_cache_dir=(
-            str(settings.tensorrt_cache_dir) if settings.tensorrt_cache_dir else None
-        ),
-        max_batch_size=settings.max_batch_size,
-    )
-
-
-def open_entry(entry: ModelEntry, config: EngineConfig) -> Engine | OpenVINOEngine:
+def open_entry(entry: ModelEntry, config: EngineConfig) -> Engine:
     """The engine a repository entry's metadata asks for (the benchmark uses it too)."""
     return create_engine(
         entry.model_file,
@@ -97,7 +81,7 @@ class ServedModel:
                 self.max_batch_size,
             )
         self.state: ModelState = "loading"
-        self.engine: Engine | OpenVINOEngine | None = None
+        self.engine: Engine | None = None
         self.batcher: Batcher | None = None
         self.warmed: list[int] = []
 
@@ -115,17 +99,18 @@ class ServedModel:
         return {
             "name": entry.name,
             "version": entry.version,
-            "arch": entry.metadata.get("arch", ""),
-            "family": entry.metadata.get("family", ""),
+            "arch": entry.metadata.arch,
+            "family": entry.metadata.family,
             "precision": entry.precision,
             "engine": entry.engine,
+            "trained": entry.trained,
             "state": self.state,
             "num_classes": entry.num_classes,
             "embedding_dim": entry.embedding_dim,
             "input": {
                 "name": entry.input_name,
                 "shape": [None, *entry.input_shape],
-                "dtype": entry.metadata["input"].get("dtype", "float32"),
+                "dtype": entry.metadata.input.dtype,
             },
             "provider": engine.provider if engine else None,
             "providers": engine.providers if engine else [],
@@ -136,11 +121,11 @@ class ServedModel:
             "max_queue_images": settings.max_queue_images,
             "warmed_batch_sizes": self.warmed,
             "gpu": gpu_facts(settings, engine),
-            "metadata": entry.metadata,
+            "metadata": entry.metadata.model_dump(mode="json"),
         }
 
 
-def gpu_facts(settings: Settings, engine: Engine | OpenVINOEngine | None) -> dict[str, Any]:
+def gpu_facts(settings: Settings, engine: Engine | None) -> dict[str, Any]:
     """The settings that only matter on a GPU, and what the engine made of them."""
     return {
         "io_binding_setting": settings.io_binding,
@@ -162,22 +147,23 @@ def check_fp16_device(entry: ModelEntry, provider: str, settings: Settings) -> N
     and is refused unless `allow_fp16_on_cpu`."""
     if entry.precision != "fp16" or provider in GPU_PROVIDERS or settings.allow_fp16_on_cpu:
         return
-    gate = entry.metadata.get("precision_gate") or {}
+    gate = entry.metadata.precision_gate
+    device = (gate.model_extra or {}).get("device", "?") if gate is not None else "?"
     raise EngineError(
-        f"model {entry.name} v{entry.version} is fp16 (gated on {gate.get('device', '?')}) and "
+        f"model {entry.name} v{entry.version} is fp16 (gated on {device}) and "
         f"would run on {provider}: serve it on a GPU, or pass --allow-fp16-on-cpu "
         "(RESNET_SERVE_ALLOW_FP16_ON_CPU=true) to accept CPU fp16 arithmetic"
     )
 
 
-class ModelServer:
+class DataPlane:
     """Every served model, the decode pool, and the service's readiness."""
 
     def __init__(
         self, settings: Settings, metrics: Metrics, *, on_fatal: Callable[[], None] | None = None
     ) -> None:
         self.settings, self.metrics = settings, metrics
-        self.engine_config = engine_config(settings)
+        self.engine_config = EngineConfig.from_settings(settings)
         self.providers = resolve_providers(self.engine_config)
         entries = scan_repository(settings.model_repository)
         if settings.default_model is not None and settings.default_model not in entries:
@@ -194,6 +180,7 @@ class ModelServer:
         self._on_fatal = on_fatal
         self._load_task: asyncio.Task[None] | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
+        self._stopping = threading.Event()  # read by the warm-up thread
         log.info(
             "serving %s from %s with providers %s",
             ", ".join(f"{m.entry.name} v{m.entry.version}" for m in self.models.values()),
@@ -231,7 +218,10 @@ class ModelServer:
         self.metrics.ready.set(0)
 
     async def stop(self) -> None:
+        """Drain, stop loading (a warm-up in progress ends after its current run), finish the
+        queued images, release the threads; never blocks the event loop."""
         self.begin_draining()
+        self._stopping.set()
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
             await asyncio.gather(self._load_task, return_exceptions=True)
@@ -239,7 +229,7 @@ class ModelServer:
             if model.batcher is not None:
                 await model.batcher.stop()
         if self._decode_pool is not None:
-            self._decode_pool.shutdown(wait=True, cancel_futures=True)
+            await asyncio.to_thread(self._decode_pool.shutdown, wait=True, cancel_futures=True)
 
     async def _load_all(self) -> None:
         for model in self.models.values():
@@ -275,7 +265,9 @@ class ModelServer:
             engine.io_binding,
         )
         sizes = model.warmup_sizes(engine.provider, self.settings.warmup_batch_sizes)
-        model.warmed = await asyncio.to_thread(warm, engine, sizes, entry.input_shape)
+        model.warmed = await asyncio.to_thread(
+            warm, engine, sizes, entry.input_shape, stop=self._stopping
+        )
         model.batcher = Batcher(
             entry.name,
             engine.run,
@@ -315,9 +307,16 @@ class ModelServer:
         return model
 
     @asynccontextmanager
-    async def request(self, name: str | None, endpoint: str) -> AsyncIterator[ServedModel]:
-        """One inference request: resolves its model, enforces readiness and the timeout, and
-        records its outcome in the metrics."""
+    async def request(
+        self,
+        name: str | None,
+        endpoint: str,
+        *,
+        disconnected: Callable[[], Awaitable[object]] | None = None,
+    ) -> AsyncIterator[Call]:
+        """One inference request: resolves its model, enforces readiness and the timeout, stops
+        working for it once `disconnected()` completes (its client has gone: 499), and records
+        its outcome in the metrics. A full queue refuses here, before the body is read."""
         try:
             model = self.resolve(name)
         except ServiceError as exc:
@@ -328,14 +327,13 @@ class ModelServer:
         in_flight.inc()
         timeout = asyncio.timeout(self.settings.request_timeout_ms / 1000.0)
         try:
-            if model.state != "ready":
+            if model.state != "ready" or model.batcher is None:
                 raise NotReadyError(
                     f"model {label} is {model.state}", retry_after_s=self.settings.retry_after_s
                 )
-            if model.batcher is not None:
-                model.batcher.ensure_room(1)  # a full queue refuses before the body is read
+            model.batcher.ensure_room(1)
             async with timeout:
-                yield model
+                yield Call(self, model, model.batcher, disconnected)
             status = 200
         except TimeoutError:
             if not timeout.expired():
@@ -351,36 +349,6 @@ class ModelServer:
             in_flight.dec()
             self.metrics.requests.labels(label, endpoint, str(status)).inc()
             self.metrics.request_latency.labels(label, endpoint).observe(time.monotonic() - start)
-
-    async def infer(self, model: ServedModel, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """(logits [N, classes], embeddings [N, dim]) for encoded images, in order."""
-        batcher = model.batcher
-        if batcher is None or self._decode_pool is None:
-            raise NotReadyError("not serving yet", retry_after_s=self.settings.retry_after_s)
-        # Room in the queue is held while decoding, so that a burst is refused (503) before any
-        # decoding is spent on it. It is handed back just before `submit` takes it again, with
-        # no await in between: no other request can take it meanwhile.
-        batcher.reserve(len(blobs))
-        try:
-            images = np.empty((len(blobs), *model.entry.input_shape), dtype=np.float32)
-            await self._decode(model, blobs, images)
-        finally:
-            batcher.release(len(blobs))
-        return await self.infer_tensors(model, images)
-
-    async def infer_tensors(
-        self, model: ServedModel, images: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The same for inputs already preprocessed, float32 [N, *input_shape] (Open Inference
-        Protocol tensors): they join the same batcher as decoded images."""
-        batcher = model.batcher
-        if batcher is None:
-            raise NotReadyError("not serving yet", retry_after_s=self.settings.retry_after_s)
-        self.metrics.images.labels(model.entry.name).inc(len(images))
-        outputs = await batcher.submit(images)
-        logits = np.stack([output[0] for output in outputs])
-        embeddings = np.stack([output[1] for output in outputs])
-        return logits, embeddings
 
     async def _decode(self, model: ServedModel, blobs: list[bytes], images: np.ndarray) -> None:
         loop = asyncio.get_running_loop()
@@ -402,3 +370,72 @@ class ModelServer:
             exc.message = f"image {index}: {exc.message}"
             raise
         self.metrics.preprocess_latency.labels(model.entry.name).observe(time.monotonic() - start)
+
+
+class Call:
+    """What one request may ask of its model: decode -> admit -> batch -> post-process, in one
+    direction. Every method stops at once when the client disconnects."""
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        model: ServedModel,
+        batcher: Batcher,
+        disconnected: Callable[[], Awaitable[object]] | None,
+    ) -> None:
+        self._plane, self.model, self._batcher = plane, model, batcher
+        self._disconnected = disconnected
+
+    @property
+    def entry(self) -> ModelEntry:
+        return self.model.entry
+
+    def top_k(self, k: int | None) -> int:
+        """The number of classes to answer with: `k`, or 5 (all if fewer) when not given."""
+        classes = self.entry.num_classes
+        if k is None:
+            return min(DEFAULT_TOP_K, classes)
+        if k > classes:
+            raise InvalidParameterError(f"top_k={k} exceeds the model's {classes} classes")
+        return k
+
+    async def classify(self, blobs: list[bytes], k: int) -> list[list[dict[str, Any]]]:
+        logits, _ = await self.infer(blobs)
+        return predictions(logits, self.entry.labels, k)
+
+    async def embed(self, blobs: list[bytes], *, normalize: bool) -> np.ndarray:
+        _, embeddings = await self.infer(blobs)
+        embeddings = unit_norm(embeddings) if normalize else embeddings
+        return np.ascontiguousarray(embeddings, dtype=np.float32)
+
+    async def infer(self, blobs: list[bytes]) -> Outputs:
+        """(logits [N, classes], embeddings [N, dim]) for encoded images, in order."""
+        return await self._unless_disconnected(self._decode_and_run(blobs))
+
+    async def infer_tensors(self, images: np.ndarray) -> Outputs:
+        """The same for inputs already preprocessed, float32 [N, *input_shape] (Open Inference
+        Protocol tensors): they join the same batcher as decoded images."""
+        return await self._unless_disconnected(self._run(images))
+
+    async def _decode_and_run(self, blobs: list[bytes]) -> Outputs:
+        # The room is the ticket's while decoding: a burst is refused (503) before any decoding
+        # is spent on it.
+        async with self._batcher.admit(len(blobs)) as ticket:
+            images = np.empty((len(blobs), *self.entry.input_shape), dtype=np.float32)
+            await self._plane._decode(self.model, blobs, images)
+            self._count(len(images))
+            return await ticket.run(images)
+
+    async def _run(self, images: np.ndarray) -> Outputs:
+        async with self._batcher.admit(len(images)) as ticket:
+            self._count(len(images))
+            return await ticket.run(images)
+
+    def _count(self, images: int) -> None:
+        """Images sent to inference: counted once admitted and decoded, never when refused."""
+        self._plane.metrics.images.labels(self.entry.name).inc(images)
+
+    async def _unless_disconnected(self, work: Coroutine[Any, Any, T]) -> T:
+        if self._disconnected is None:
+            return await work
+        return await unless_disconnected(self._disconnected, work)

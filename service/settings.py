@@ -14,6 +14,7 @@ from pydantic import DirectoryPath, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RESNET_SERVE_"
+# onnxruntime's provider names (spelled here so that settings need no onnxruntime import).
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _PROVIDER_ALIASES = {"cuda": CUDA, "cpu": CPU}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,12 @@ from typing import Any
 import numpy as np
 from fastapi.testclient import TestClient
 
-from reliability.graphs import tiny_graph, write_entry
+from bench.launcher import poll_until
 from service.batcher import Batcher
 from service.metrics import Metrics
 
 from .conftest import ROOT
+from .reliability.graphs import tiny_graph, write_entry
 
 
 def multipart(blobs: Sequence[bytes], content_type: str = "image/png") -> list[Any]:
@@ -88,9 +88,6 @@ def make_batcher(infer: Callable[[np.ndarray], Any], **options: Any) -> Batcher:
     return Batcher("m", infer, **values)
 
 
-def wait_ready(client: TestClient, deadline_s: float = 30.0) -> None:
-    """Until the in-process app's /readyz answers 200, at most `deadline_s`."""
-    deadline = time.monotonic() + deadline_s
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json()
-        time.sleep(0.01)
+def wait_ready(client: TestClient, deadline_s: float = 30.0, path: str = "/readyz") -> None:
+    """Until the in-process app's `path` answers 200, at most `deadline_s`."""
+    poll_until(lambda: client.get(path).status_code == 200, deadline_s, f"{path} 200")

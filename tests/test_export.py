@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from export.exporter import ExportError, ExportRequest, export_model
+from export.parity import Tolerances
 from models.checkpoint import load_checkpoint
 from models.hashing import sha256_file
 from models.registry import CIFAR10_CLASSES, complexity, get_spec
@@ -280,3 +281,38 @@ def test_cli_usage_errors() -> None:
     assert both.returncode == 2 and "give --preset or --archs, not both" in both.stderr
     unknown = run_export("resnet19", "--weights", "random", "--out", "x")
     assert "unknown architecture 'resnet19'" in _one_line_failure(unknown)
+
+
+def test_skip_existing_keeps_a_version_only_if_everything_asked_is_the_same(
+    tmp_path: Path,
+) -> None:
+    def request(**changes: object) -> ExportRequest:
+        asked: dict[str, object] = {"max_batch_size": 4, **changes}
+        return ExportRequest(
+            arch="cifar_resnet20",
+            weights="random:3",
+            out=tmp_path,
+            skip_if_same_weights=True,
+            **asked,  # type: ignore[arg-type]
+        )
+
+    first = export_model(request())
+    assert not first.skipped
+    assert export_model(request()).skipped
+    labels = [f"thing_{i}" for i in range(10)]
+    changes: list[dict[str, object]] = [
+        {"max_batch_size": 8},
+        {"labels": labels},
+        {"tolerances": Tolerances(atol=2e-4)},
+    ]
+    versions = [first.version]
+    for change in changes:
+        result = export_model(request(**change))
+        assert not result.skipped, change
+        versions.append(result.version)
+        assert export_model(request(**change)).skipped, change  # now it is there
+    assert versions == [1, 2, 3, 4]
+    assert (
+        json.loads((tmp_path / "cifar_resnet20" / "3" / "metadata.json").read_text())["labels"]
+        == labels
+    )

@@ -26,16 +26,14 @@ from fastapi.testclient import TestClient
 
 from bench.http_mode import HttpOptions, split_cpus, target
 from export.precision import convert_fp16
-from reliability.graphs import conv_graph, tiny_graph, write_entry
-from reliability.harness import sample_images
 from service.api import create_app
 from service.engine import (
     CPU,
     CUDA,
     TENSORRT,
-    Engine,
     EngineConfig,
     EngineError,
+    OrtEngine,
     provider_options,
     resolve_providers,
     tensorrt_cache_dir,
@@ -46,6 +44,8 @@ from service.serving import ServedModel, check_fp16_device
 from service.settings import Settings
 
 from .conftest import CIFAR_CHECKPOINT_FILES, CIFAR_CHECKPOINTS, PHOTOS, ROOT, require
+from .reliability.graphs import conv_graph, tiny_graph, write_entry
+from .reliability.images import sample_images
 from .service_helpers import multipart, run_module, service_cli, wait_ready
 
 CROP = 16
@@ -66,9 +66,9 @@ def conv_repo(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _engine(repo: Path, **config: Any) -> Engine:
+def _engine(repo: Path, **config: Any) -> OrtEngine:
     entry = scan_repository(repo)["conv"]
-    return Engine(
+    return OrtEngine(
         entry.model_file,
         EngineConfig(providers=(CPU,), intra_op_threads=1, **config),
         input_name="images",
@@ -373,8 +373,8 @@ def test_io_binding_learns_output_shapes_the_graph_leaves_open(tmp_path: Path) -
     onnx.save(model, str(path))
     config = EngineConfig(providers=(CPU,), intra_op_threads=1)
     io = {"input_name": "images", "output_names": NAMES, "input_shape": (3, 8, 8)}
-    bound = Engine(path, config, io_binding=True, **io)
-    plain = Engine(path, config, **io)
+    bound = OrtEngine(path, config, io_binding=True, **io)
+    plain = OrtEngine(path, config, **io)
     batch = np.random.default_rng(1).standard_normal((3, 3, 8, 8), dtype=np.float32)
     for ours, theirs in zip(bound.run(batch), plain.run(batch), strict=True):
         np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)

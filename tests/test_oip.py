@@ -7,8 +7,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import socket
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,12 +19,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from reliability.harness import Service
+from bench.launcher import Service
 from service.api import create_app
 from service.settings import Settings
 
 from .conftest import SHARED_DATA, normalize_cifar, require
-from .service_helpers import export, multipart, write_tiny_model
+from .service_helpers import export, multipart, wait_ready, write_tiny_model
 
 httpclient = pytest.importorskip(
     "tritonclient.http", reason="tritonclient[http] (a dev dependency) is not installed"
@@ -252,10 +252,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         model_repository=repo, max_delay_ms=1, intra_op_threads=1, max_images_per_request=4
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
-        deadline = time.monotonic() + 30
-        while test_client.get("/v2/health/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_ready(test_client, path="/v2/health/ready")
         yield test_client
 
 
@@ -405,3 +402,25 @@ def test_health_answers_have_empty_bodies(tiny: TestClient) -> None:
     }
     assert tiny.get("/v2/no/such/route").json() == {"error": "Not Found"}
     assert tiny.get("/models/nope").json()["error"]["code"] == "model_not_found"  # ours unchanged
+
+
+def test_a_departed_oip_client_ends_as_499_and_its_images_never_run(tmp_path: Path) -> None:
+    """As for /classify: the disconnect is noticed while the images wait for their batch (a 2 s
+    window here), they are dropped, and the request is counted as 499."""
+    write_tiny_model(tmp_path / "repo", "tiny", num_classes=4)
+    with Service(tmp_path / "repo", tmp_path / "server.log", "--max-delay-ms=2000") as service:
+        service.wait_ready()
+        body = json.dumps({"inputs": [tensor([2, 3, 8, 8])]}).encode()
+        head = (
+            f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: {service.host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection((service.host, service.port)) as sock:
+            sock.sendall(head + body)
+            service.wait_metric("resnet_serve_queue_depth_images", lambda v: v == 2, model="tiny")
+        closed = {"model": "tiny", "endpoint": "v2_infer", "status": "499"}
+        service.wait_metric("resnet_serve_requests_total", lambda v: v == 1, **closed)
+        service.wait_metric("resnet_serve_queue_depth_images", lambda v: v == 0, model="tiny")
+        assert service.metric("resnet_serve_batch_size_images_sum", model="tiny") == 0
+        assert service.metric("resnet_serve_images_total", model="tiny") == 2  # admitted, sent
+        assert service.terminate() == 0, service.log()

@@ -3,22 +3,25 @@ raises inside onnxruntime, clients that disconnect mid-request, SIGTERM under lo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from reliability import judge
-from reliability.faults import (
+from bench.launcher import Service
+
+from .reliability import judge
+from .reliability.faults import (
     BROKEN_MODELS,
     broken_model_at_startup,
     disconnects,
     failing_batch,
     sigterm_under_load,
 )
-from reliability.graphs import write_conv, write_poison, write_tiny
-from reliability.harness import Service, sample_images
-from reliability.load import Target
+from .reliability.graphs import write_conv, write_poison, write_tiny
+from .reliability.images import sample_images
+from .reliability.load import Target
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@contextlib.contextmanager
 def started(repo: Path, log: Path, *flags: str) -> Iterator[Service]:
     with Service(repo, log, *flags) as service:
         service.wait_ready()
@@ -46,7 +50,7 @@ def test_a_broken_model_stops_start_up_with_one_clear_line(tmp_path: Path, case:
 def test_a_batch_whose_inference_raises_fails_with_500_json_and_the_next_one_works(
     repo: Path, tmp_path: Path
 ) -> None:
-    for service in started(repo, tmp_path / "server.log", "--max-delay-ms=300"):
+    with started(repo, tmp_path / "server.log", "--max-delay-ms=300") as service:
         result = failing_batch(service, "poison", "tiny")
         assert not judge.failures(judge.failing_batch(result)), result
     # A 500 is a server error: logged with its traceback, once per failed request.
@@ -57,7 +61,7 @@ def test_clients_that_disconnect_have_their_queued_images_dropped(
     repo: Path, tmp_path: Path
 ) -> None:
     flags = ("--max-delay-ms=1000", "--max-batch-size=64")
-    for service in started(repo, tmp_path / "server.log", *flags):
+    with started(repo, tmp_path / "server.log", *flags) as service:
         result = disconnects(Target(service, "tiny", sample_images(8)), clients=6)
         assert not judge.failures(judge.disconnects(result)), result
     log = service.log()

@@ -14,11 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reliability import judge
-from reliability.fuzz import check_answer, fuzz_openapi, fuzz_protocol
-from reliability.graphs import write_tiny
-from reliability.harness import Service, solid
-from reliability.hostile import HostileBody, hostile_bodies
+from bench.launcher import Service
+
+from .reliability import judge
+from .reliability.fuzz import check_answer, fuzz_openapi, fuzz_protocol
+from .reliability.graphs import write_tiny
+from .reliability.hostile import HostileBody, hostile_bodies
+from .reliability.images import solid
 
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "reliability-ci"))
 MAX_REQUEST_BYTES = 4 * 2**20

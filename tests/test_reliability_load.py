@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from reliability import judge
-from reliability.graphs import write_conv, write_tiny
-from reliability.harness import Service, sample_images, solid
-from reliability.load import Target, overload, soak
+from bench.launcher import Service
 from service.api import create_app
 from service.errors import QueueFullError
 from service.settings import Settings
 
+from .reliability import judge
+from .reliability.graphs import write_conv, write_tiny
+from .reliability.images import sample_images, solid
+from .reliability.load import Target, overload, soak
 from .service_helpers import make_batcher, wait_ready
 
 QUEUE, BATCH = 32, 16
@@ -78,33 +80,50 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
 
 def test_a_full_queue_refuses_before_reading_the_body(client: TestClient) -> None:
     batcher = client.app.state.server.models["tiny"].batcher  # type: ignore[attr-defined]
-    batcher.reserve(8)  # as if 8 images were being decoded
-    try:
+    portal = client.portal  # type: ignore[attr-defined]
+    with portal.wrap_async_context_manager(batcher.admit(8)):  # as if 8 were being decoded
         refused = client.post("/classify", content=b"not even an image", headers=_png())
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"]["code"] == "queue_full"
         assert refused.headers["retry-after"] == "1"
-    finally:
-        batcher.release(8)
     assert client.post("/classify", content=solid(90), headers=_png()).status_code == 200
     assert client.get("/metrics").text.count('resnet_serve_queue_depth_images{model="tiny"} 0.0')
+
+
+def test_refused_images_are_not_counted_as_sent_to_inference(client: TestClient) -> None:
+    batcher = client.app.state.server.models["tiny"].batcher  # type: ignore[attr-defined]
+    portal = client.portal  # type: ignore[attr-defined]
+    tensors = {"name": "images", "datatype": "FP32", "shape": [2, 3, 16, 16]}
+    body = {"inputs": [{**tensors, "data": [0.0] * (2 * 3 * 16 * 16)}]}
+    with portal.wrap_async_context_manager(batcher.admit(7)):  # room for 1 image, not 2
+        refused = client.post("/v2/models/tiny/infer", json=body)
+        assert refused.status_code == 503, refused.text
+    sent = 'resnet_serve_images_total{model="tiny"}'
+    assert sent not in client.get("/metrics").text  # never incremented
+    assert client.post("/v2/models/tiny/infer", json=body).status_code == 200
+    assert f"{sent} 2.0" in client.get("/metrics").text
 
 
 def _png() -> dict[str, str]:
     return {"content-type": "image/png"}
 
 
-def test_reserved_room_counts_against_the_queue_until_released() -> None:
+def test_admitted_room_counts_against_the_queue_until_the_ticket_ends() -> None:
+    zeros = partial(np.zeros, dtype=np.float32)
+
     async def main() -> None:
         batcher = make_batcher(lambda batch: [batch], max_delay_ms=1, max_queue_images=4)
         batcher.start()
-        batcher.reserve(3)
-        with pytest.raises(QueueFullError):
-            batcher.reserve(2)
-        with pytest.raises(QueueFullError):
-            await batcher.submit(np.zeros((2, 1), dtype=np.float32))
-        batcher.release(3)
-        assert len(await batcher.submit(np.zeros((4, 1), dtype=np.float32))) == 4
+        async with batcher.admit(3) as ticket:
+            await asyncio.sleep(0.01)  # awaits between admission and run cannot lose the room
+            with pytest.raises(QueueFullError):
+                await batcher.submit(zeros((2, 1)))
+            (out,) = await ticket.run(zeros((1, 1)))  # uses 1 of its 3
+            assert out.shape == (1, 1)
+            with pytest.raises(QueueFullError):  # the 2 unused are still held
+                await batcher.submit(zeros((3, 1)))
+        assert len((await batcher.submit(zeros((4, 1))))[0]) == 4  # all of it came back
+        assert batcher.waiting == 0
         await batcher.stop()
 
     asyncio.run(main())
@@ -118,14 +137,15 @@ def test_images_of_a_request_that_gave_up_leave_the_forming_batch() -> None:
         return [batch]
 
     async def main() -> None:
-        batcher = make_batcher(infer, max_batch_size=8, max_delay_ms=300, max_queue_images=8)
+        batcher = make_batcher(infer, max_batch_size=8, max_delay_ms=1000, max_queue_images=8)
         batcher.start()
         gone = asyncio.create_task(batcher.submit(np.full((2, 1), 7, dtype=np.float32)))
-        await asyncio.sleep(0.05)  # both images are in the batch being formed now
         stays = asyncio.create_task(batcher.submit(np.full((1, 1), 1, dtype=np.float32)))
-        await asyncio.sleep(0.05)
+        async with asyncio.timeout(30):
+            while batcher.waiting < 3:  # all three in the batch being formed (1 s window)
+                await asyncio.sleep(0.001)
         gone.cancel()
-        assert len(await stays) == 1
+        assert len((await stays)[0]) == 1
         await batcher.stop()
 
     asyncio.run(main())

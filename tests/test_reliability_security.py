@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reliability.faults import CodeOnUnpickle
-
 from .conftest import ROOT
+from .reliability.faults import CodeOnUnpickle
 
 UNPICKLERS = {"pickle", "cPickle", "_pickle", "dill", "joblib", "cloudpickle", "marshal", "shelve"}
 

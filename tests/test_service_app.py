@@ -5,6 +5,7 @@ The real server over HTTP with real models is tested in test_service_e2e.py.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -18,13 +19,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.launcher import metric_value, poll_until
 from models.preprocessing import Preprocessing
-from reliability.harness import encode
-from reliability.hostile import png_bomb
 from service.api import create_app
-from service.engine import Engine
+from service.engine import OrtEngine
 from service.settings import Settings
 
+from .reliability.hostile import png_bomb
+from .reliability.images import encode
 from .service_helpers import multipart, wait_ready, write_tiny_model
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -41,11 +43,12 @@ def expected_embedding(colour: tuple[int, int, int]) -> np.ndarray:
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    write_tiny_model(tmp_path, "tiny", num_classes=4)
-    write_tiny_model(tmp_path, "other", num_classes=3)
+    write_tiny_model(tmp_path, "tiny", num_classes=4)  # random weights: trained false
+    write_tiny_model(tmp_path, "other", num_classes=3, weights={"source": "t", "trained": True})
     return tmp_path
 
 
+@contextlib.contextmanager
 def started(repo: Path, **values: Any) -> Iterator[TestClient]:
     settings = Settings(model_repository=repo, max_delay_ms=1, intra_op_threads=1, **values)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
@@ -55,13 +58,14 @@ def started(repo: Path, **values: Any) -> Iterator[TestClient]:
 
 @pytest.fixture
 def client(repo: Path) -> Iterator[TestClient]:
-    yield from started(
+    with started(
         repo,
         default_model="tiny",
         max_images_per_request=3,
         max_request_bytes=20_000,
         max_image_pixels=50_000_000,
-    )
+    ) as client:
+        yield client
 
 
 def test_classify_and_embed(client: TestClient) -> None:
@@ -69,7 +73,7 @@ def test_classify_and_embed(client: TestClient) -> None:
     response = client.post("/classify?top_k=4", files=multipart(blobs))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert (body["model"], body["version"]) == ("tiny", 1)
+    assert (body["model"], body["version"], body["trained"]) == ("tiny", 1, False)
     assert len(body["predictions"]) == 3
     for predictions in body["predictions"]:
         scores = [p["score"] for p in predictions]
@@ -79,7 +83,7 @@ def test_classify_and_embed(client: TestClient) -> None:
 
     response = client.post("/embed?model=tiny", files=multipart(blobs))
     body = response.json()
-    assert body["dim"] == 3
+    assert (body["dim"], body["trained"]) == (3, False)
     for embedding, colour in zip(body["embeddings"], (RED, GREEN, BLUE), strict=True):
         np.testing.assert_allclose(embedding, expected_embedding(colour), atol=1e-5)
 
@@ -88,7 +92,9 @@ def test_classify_and_embed(client: TestClient) -> None:
         content=solid(RED),
         headers={"content-type": "image/png"},
     )
-    assert raw.json()["model"] == "other"
+    assert (raw.json()["model"], raw.json()["trained"]) == ("other", True)
+    trained = client.post("/classify?model=other", files=multipart(blobs)).json()["trained"]
+    assert trained is True
     assert np.linalg.norm(raw.json()["embeddings"][0]) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -101,10 +107,35 @@ def test_embed_as_npy_when_asked(client: TestClient) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/x-npy"
     assert (response.headers["x-model"], response.headers["x-model-version"]) == ("tiny", "1")
+    assert response.headers["x-model-trained"] == "false"
     array = np.load(io.BytesIO(response.content), allow_pickle=False)
     assert array.dtype == np.float32
     assert array.shape == (2, 3)
     np.testing.assert_array_equal(array, np.asarray(as_json, dtype=np.float32))
+
+
+@pytest.mark.parametrize(
+    ("accept", "npy"),
+    [
+        ("application/x-npy", True),
+        ("application/json;q=0.5, application/x-npy", True),
+        ("*/*;q=0.1, Application/X-Npy", True),
+        ("application/x-npy;q=0", False),
+        ("application/x-npy; q=0.0, application/json", False),
+        ("application/json, application/x-npy;q=0.5", False),
+        ("text/html, application/x-npy-other", False),
+        ("", False),
+    ],
+)
+def test_accept_q_values_choose_between_npy_and_json(
+    client: TestClient, accept: str, npy: bool
+) -> None:
+    response = client.post(
+        "/embed?model=tiny", files=multipart([solid(RED)]), headers={"accept": accept}
+    )
+    assert response.status_code == 200
+    expected = "application/x-npy" if npy else "application/json"
+    assert response.headers["content-type"] == expected
 
 
 def test_models_report_runtime_facts(client: TestClient) -> None:
@@ -186,7 +217,7 @@ def test_error_names_the_bad_image(client: TestClient) -> None:
 
 
 def test_a_model_must_be_named_when_several_are_served(repo: Path) -> None:
-    for client in started(repo):
+    with started(repo) as client:
         response = client.post("/classify", files=multipart([solid(RED)]))
         assert response.status_code == 422
         assert "tiny" in response.json()["error"]["message"]
@@ -194,35 +225,41 @@ def test_a_model_must_be_named_when_several_are_served(repo: Path) -> None:
 
 @pytest.fixture
 def patched_run(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Engine.run, made slow or failing on demand after warm-up."""
+    """OrtEngine.run, made slow or failing on demand after warm-up."""
     behaviour: dict[str, Any] = {"sleep_s": 0.0, "error": None, "calls": threading.Event()}
-    original = Engine.run
+    original = OrtEngine.run
 
-    def run(self: Engine, batch: np.ndarray) -> list[np.ndarray]:
+    def run(self: OrtEngine, batch: np.ndarray) -> list[np.ndarray]:
         time.sleep(behaviour["sleep_s"])
         if behaviour["error"] is not None:
             raise behaviour["error"]
         return original(self, batch)
 
-    monkeypatch.setattr(Engine, "run", run)
+    monkeypatch.setattr(OrtEngine, "run", run)
     return behaviour
 
 
 def test_slow_requests_time_out_with_504(repo: Path, patched_run: dict[str, Any]) -> None:
-    for client in started(repo, default_model="tiny", request_timeout_ms=200):
+    with started(repo, default_model="tiny", request_timeout_ms=200) as client:
+
+        def batches_run() -> float:
+            text = client.get("/metrics").text
+            return metric_value(text, "resnet_serve_inference_duration_seconds_count")
+
+        before = batches_run()
         patched_run["sleep_s"] = 0.5
         response = client.post("/classify", files=multipart([solid(RED)]))
         assert response.status_code == 504
         assert response.json()["error"]["code"] == "timeout"
         patched_run["sleep_s"] = 0.0
-        time.sleep(0.4)  # the abandoned batch finishes in its thread
+        poll_until(lambda: batches_run() == before + 1, 30, "the abandoned batch finished")
         assert client.post("/classify", files=multipart([solid(RED)])).status_code == 200
 
 
 def test_inference_failure_is_a_500_and_the_service_recovers(
     repo: Path, patched_run: dict[str, Any]
 ) -> None:
-    for client in started(repo, default_model="tiny"):
+    with started(repo, default_model="tiny") as client:
         patched_run["error"] = RuntimeError("device lost")
         response = client.post("/classify", files=multipart([solid(RED), solid(BLUE)]))
         assert response.status_code == 500

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -19,13 +20,20 @@ from .service_helpers import make_batcher
 class Recorder:
     """An `infer` that doubles its input and records the batch sizes it saw."""
 
-    def __init__(self, delay_s: float = 0.0, fail: Exception | None = None) -> None:
+    def __init__(
+        self,
+        delay_s: float = 0.0,
+        fail: Exception | None = None,
+        gate: threading.Event | None = None,
+    ) -> None:
         self.sizes: list[int] = []
-        self.delay_s, self.fail = delay_s, fail
+        self.delay_s, self.fail, self.gate = delay_s, fail, gate
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         self.sizes.append(len(batch))
         time.sleep(self.delay_s)
+        if self.gate is not None:
+            assert self.gate.wait(30), "the test never opened the gate"
         if self.fail is not None:
             raise self.fail
         return [batch * 2, batch[:, :1]]
@@ -33,6 +41,13 @@ class Recorder:
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(main())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the event loop (and the inference thread) until `condition()` holds."""
+    async with asyncio.timeout(30):
+        while not condition():
+            await asyncio.sleep(0.001)
 
 
 def images(*values: float) -> np.ndarray:
@@ -47,10 +62,9 @@ def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
         batcher.start()
         results = await asyncio.gather(*(batcher.submit(images(i)) for i in range(8)))
         await batcher.stop()
-        for i, result in enumerate(results):
-            doubled, first = result[0]
-            np.testing.assert_array_equal(doubled, images(i)[0] * 2)
-            assert first.tolist() == [i]
+        for i, (doubled, first) in enumerate(results):  # one array per output, one row each
+            np.testing.assert_array_equal(doubled, images(i) * 2)
+            assert first.tolist() == [[i]]
 
     run(main)
     assert sum(infer.sizes) == 8
@@ -66,7 +80,7 @@ def test_a_request_larger_than_a_batch_keeps_its_order() -> None:
         values = list(range(10))
         result = await batcher.submit(images(*values))
         await batcher.stop()
-        assert [float(out[1][0]) for out in result] == values
+        assert result[1][:, 0].tolist() == values  # the request's rows, in order, as one array
 
     run(main)
     assert infer.sizes == [4, 4, 2]
@@ -90,13 +104,13 @@ def test_full_queue_refuses_the_whole_request_with_retry_after() -> None:
         batcher = make_batcher(Recorder(), max_queue_images=6, max_batch_size=4, max_delay_ms=200)
         batcher.start()
         first = asyncio.create_task(batcher.submit(images(0, 1, 2)))
-        await asyncio.sleep(0.05)  # in the forming batch, which waits for its deadline
+        await until(lambda: batcher.waiting == 3)  # forming a batch, which waits 200 ms
         with pytest.raises(QueueFullError) as refused:
             await batcher.submit(images(*range(4)))
         assert refused.value.status == 503
         assert refused.value.headers == {"Retry-After": "3"}
-        assert len(await batcher.submit(images(3, 4, 5))) == 3  # fits exactly
-        assert len(await first) == 3
+        assert len((await batcher.submit(images(3, 4, 5)))[0]) == 3  # fits exactly
+        assert len((await first)[0]) == 3
         await batcher.stop()
 
     run(main)
@@ -129,18 +143,23 @@ def test_one_output_per_input_is_checked() -> None:
 
 
 def test_abandoned_images_are_skipped() -> None:
-    infer = Recorder(delay_s=0.1)
+    release = threading.Event()
+    infer = Recorder(gate=release)
 
     async def main() -> None:
         batcher = make_batcher(infer, max_batch_size=1)
         batcher.start()
         busy = asyncio.create_task(batcher.submit(images(0)))
-        await asyncio.sleep(0.02)  # the first batch is running
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.03):
-                await batcher.submit(images(1, 2, 3))
+        await until(lambda: infer.sizes == [1])  # the first batch is running, held at the gate
+        gone = asyncio.create_task(batcher.submit(images(1, 2, 3)))
+        await until(lambda: batcher.waiting == 3)
+        gone.cancel()  # its request gives up (a timeout, a disconnect) while its images wait
+        release.set()
         await busy
+        with pytest.raises(asyncio.CancelledError):
+            await gone
         await batcher.stop()
+        assert batcher.waiting == 0
 
     run(main)
     assert infer.sizes == [1]

@@ -20,10 +20,11 @@ import onnxruntime as ort
 import pytest
 from PIL import Image, ImageOps
 
-from reliability.harness import Service, encode, encode_image
-from reliability.hostile import png_bomb
+from bench.launcher import Service, poll_until
 
 from .conftest import CIFAR_CHECKPOINT_FILES, PHOTOS, normalize_cifar, require
+from .reliability.hostile import png_bomb
+from .reliability.images import encode, encode_image
 from .service_helpers import export, multipart, service_cli, write_tiny_model
 
 MAX_REQUEST_BYTES = 8 * 2**20
@@ -294,18 +295,20 @@ def test_sigterm_while_loading_exits_cleanly(slow_repo: Path, tmp_path: Path) ->
 def test_sigterm_finishes_every_accepted_request(
     repo: Path, tmp_path: Path, cifar_pngs: list[bytes], cifar_test_set: tuple[np.ndarray, Any]
 ) -> None:
-    """Timeline: 8 images wait 2.5 s for their batch; SIGTERM; /readyz turns 503 while requests
-    are still accepted for the 0.5 s drain delay; the listener closes; then the batch runs and
-    every accepted request is answered before the process exits 0."""
+    """Timeline: 8 images wait 5 s for their batch; SIGTERM; /readyz turns 503 while requests
+    are still accepted for the 2 s drain delay (wide, for a loaded machine); the listener
+    closes; then the batch runs and every accepted request is answered before the process exits
+    0. Each step waits on what it needs (a metric, an answer, a refused connection), never on a
+    fixed sleep."""
     with Service(
         repo,
         tmp_path / "server.log",
         "--default-model=cifar10",
-        "--max-delay-ms=2500",
+        "--max-delay-ms=5000",
         "--max-queue-images=12",
         "--max-batch-size=12",
         "--max-images-per-request=8",
-        "--drain-delay-ms=500",
+        "--drain-delay-ms=2000",
     ) as service:
         service.wait_ready()
         url = f"{service.url}/classify?top_k=1"
@@ -323,17 +326,25 @@ def test_sigterm_finishes_every_accepted_request(
         assert refused.json()["error"]["code"] == "queue_full"
         assert refused.headers["retry-after"] == "1"
         accepted.append(pool.submit(post, cifar_pngs[16:17]))  # 1 more does
-        time.sleep(0.05)
+        queued = "resnet_serve_queue_depth_images"
+        service.wait_metric(queued, lambda depth: depth == 9, 10, model="cifar10")
 
         service.process.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
-        ready = httpx.get(f"{service.url}/readyz")
-        assert ready.status_code == 503
+        ready = poll_until(
+            lambda: (r := httpx.get(f"{service.url}/readyz")).status_code == 503 and r, 10, "503"
+        )
         assert ready.json()["status"] == "draining"
         accepted.append(pool.submit(post, cifar_pngs[17:18]))  # still accepted while draining
-        time.sleep(0.6)
-        with pytest.raises(httpx.ConnectError):  # the listener has closed...
-            httpx.get(f"{service.url}/healthz")
+        service.wait_metric(queued, lambda depth: depth == 10, 10, model="cifar10")
+
+        def listener_closed() -> bool:
+            try:
+                httpx.get(f"{service.url}/healthz", timeout=1)
+            except httpx.ConnectError:
+                return True
+            return False
+
+        poll_until(listener_closed, 10, "the listener closed")  # after the drain delay...
         assert service.process.poll() is None  # ...but the accepted requests are not done yet
 
         responses = [future.result() for future in accepted]
@@ -343,17 +354,6 @@ def test_sigterm_finishes_every_accepted_request(
         assert (np.array(predicted) == cifar_test_set[1][:8]).sum() >= 6
         assert service.process.wait(30) == 0, service.log()
         assert "Traceback" not in service.log(), service.log()
-
-
-def test_a_model_that_cannot_load_stops_the_service(tmp_path: Path) -> None:
-    directory = write_tiny_model(tmp_path / "repo", "broken")
-    (directory / "model.onnx").write_bytes(b"not an onnx graph")
-    metadata = json.loads((directory / "metadata.json").read_text())
-    del metadata["model_sha256"]
-    (directory / "metadata.json").write_text(json.dumps(metadata))
-    with Service(tmp_path / "repo", tmp_path / "server.log") as service:
-        assert service.process.wait(60) == 1
-        assert "model broken failed to load" in service.log()
 
 
 @pytest.mark.skipif(

@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.__main__ import build_parser, parse_settings
+from service.engine import EngineConfig
 from service.settings import CPU, CUDA, Settings
 
 from .conftest import ROOT
@@ -55,13 +56,12 @@ def test_every_setting_has_a_flag_and_a_variable() -> None:
 def test_cudnn_algorithm_search_reaches_the_cuda_provider_options(tmp_path: Path) -> None:
     from service.engine import CUDA as CUDA_PROVIDER
     from service.engine import provider_options
-    from service.serving import engine_config
 
     argv = ["--model-repository", str(tmp_path), "--cudnn-conv-algo-search", "HEURISTIC"]
     settings = parse_settings(argv)
-    options = provider_options([CUDA_PROVIDER, CPU], engine_config(settings))
+    options = provider_options([CUDA_PROVIDER, CPU], EngineConfig.from_settings(settings))
     assert options[0]["cudnn_conv_algo_search"] == "HEURISTIC" and options[1] == {}
-    default = engine_config(Settings(model_repository=tmp_path))
+    default = EngineConfig.from_settings(Settings(model_repository=tmp_path))
     assert default.cudnn_conv_algo_search == "EXHAUSTIVE"
     with pytest.raises(SystemExit):
         parse_settings([*argv[:2], "--cudnn-conv-algo-search", "FASTEST"])
@@ -120,3 +120,10 @@ def test_importing_the_service_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_sessions_default_to_the_service_settings(tmp_path: Path) -> None:
+    """One default per session setting: the exporter's gates (EngineConfig()) build sessions
+    as the service does with its defaults."""
+    assert EngineConfig() == EngineConfig.from_settings(Settings(model_repository=tmp_path))
+    assert EngineConfig().allow_spinning is False

@@ -160,7 +160,13 @@ def test_skipped_export_restores_missing_files(repo: Path, tmp_path: Path) -> No
     for name in (triton.CONFIG_FILE, triton.LABELS_FILE):
         (copy / NAME / name).unlink()
     result = export_model(
-        ExportRequest(arch=NAME, weights="random:0", out=copy, skip_if_same_weights=True)
+        ExportRequest(
+            arch=NAME,
+            weights="random:0",
+            out=copy,
+            max_batch_size=MAX_BATCH,  # what `repo` was exported with, or it is a new version
+            skip_if_same_weights=True,
+        )
     )
     assert result.skipped
     assert (copy / NAME / triton.CONFIG_FILE).read_text() == (

@@ -1,10 +1,10 @@
-"""The service under test: `python -m service` in a subprocess on a free 127.0.0.1 port, its
-metrics and memory, and the images the scenarios send."""
+"""The service as bench and the tests start it: `python -m service` in a subprocess on a free
+127.0.0.1 port, its metrics and resources, and `poll_until`, the one polling loop of bench, the
+tests and the reliability suite."""
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import signal
 import socket
@@ -13,16 +13,28 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import httpx
-import numpy as np
 import psutil
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parents[1]
 READY_DEADLINE_S = 60.0
+T = TypeVar("T")
+
+
+def poll_until(check: Callable[[], T], deadline_s: float, what: str, *, every_s: float = 0.02) -> T:
+    """`check()`'s first truthy value, asked every `every_s` for at most `deadline_s` (then
+    TimeoutError naming `what`); a transport error (nothing listening yet) counts as "not yet"."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            value = check()
+            if value:
+                return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"not {what} within {deadline_s} s")
+        time.sleep(every_s)
 
 
 def free_port() -> int:
@@ -31,11 +43,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples matching `labels` in Prometheus text (0 when none)."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 class Service:
-    """One `python -m service` process; its output goes to `log_path`."""
+    """One `python -m service` process started from `cwd`; its output goes to `log_path`."""
 
     def __init__(
-        self, repo: Path, log_path: Path, *flags: str, env: dict[str, str] | None = None
+        self,
+        repo: Path,
+        log_path: Path,
+        *flags: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.host = "127.0.0.1"
@@ -46,10 +73,9 @@ class Service:
         # Only the flags and `env` configure it: none of the caller's RESNET_SERVE_* leak in.
         environment = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
         environment.update(env or {})
-        env = environment
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env
+            command, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, env=environment
         )
         self.ps = psutil.Process(self.process.pid)
 
@@ -67,15 +93,15 @@ class Service:
     def _wait(
         self, path: str, done: Callable[[httpx.Response], bool], what: str, deadline_s: float
     ) -> None:
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
+        def check() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited ({self.process.returncode}):\n{self.log()}")
-            with contextlib.suppress(httpx.TransportError):
-                if done(httpx.get(self.url + path, timeout=2.0)):
-                    return
-            time.sleep(0.02)
-        raise TimeoutError(f"service not {what} within {deadline_s} s:\n{self.log()}")
+            return done(httpx.get(self.url + path, timeout=2.0))
+
+        try:
+            poll_until(check, deadline_s, what)
+        except TimeoutError as exc:
+            raise TimeoutError(f"service {exc}:\n{self.log()}") from None
 
     def rss_mb(self) -> float:
         return self.ps.memory_info().rss / 2**20
@@ -104,26 +130,23 @@ class Service:
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of a metric's samples matching `labels` (0 when none exist yet)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                wanted = all(sample.labels.get(k) == v for k, v in labels.items())
-                if sample.name == name and wanted:
-                    total += sample.value
-        return total
+        return metric_value(httpx.get(f"{self.url}/metrics", timeout=10).text, name, **labels)
 
     def wait_metric(
         self, name: str, done: Callable[[float], bool], deadline_s: float = 30.0, **labels: str
     ) -> float:
-        deadline = time.monotonic() + deadline_s
-        while True:
-            value = self.metric(name, **labels)
-            if done(value):
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name}{labels} stuck at {value}:\n{self.log()[-4000:]}")
-            time.sleep(0.02)
+        values: list[float] = []
+
+        def check() -> bool:
+            values.append(self.metric(name, **labels))
+            return done(values[-1])
+
+        try:
+            poll_until(check, deadline_s, f"{name}{labels}")
+        except TimeoutError:
+            stuck = values[-1] if values else None
+            raise TimeoutError(f"{name}{labels} stuck at {stuck}:\n{self.log()[-4000:]}") from None
+        return values[-1]
 
     def terminate(self, timeout_s: float = 60.0) -> int:
         """SIGTERM, then the exit status; a process that does not stop is killed and raises."""
@@ -145,30 +168,3 @@ class Service:
         if self.process.poll() is None:
             self.terminate()
         self._log.close()
-
-
-def encode_image(image: Image.Image, fmt: str = "PNG", **options: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def encode(pixels: np.ndarray, fmt: str = "PNG", **options: Any) -> bytes:
-    """uint8 HWC pixels as an encoded image."""
-    return encode_image(Image.fromarray(pixels), fmt, **options)
-
-
-def sample_images(count: int, *, size: int = 64, seed: int = 0) -> list[bytes]:
-    """`count` distinct JPEG and PNG images of smooth noise, never brighter than 200 (so that
-    `graphs.poison_graph` accepts them)."""
-    rng = np.random.default_rng(seed)
-    images = []
-    for index in range(count):
-        small = rng.integers(0, 200, size=(8, 8, 3), dtype=np.uint8)
-        pixels = np.asarray(Image.fromarray(small).resize((size, size), Image.Resampling.BILINEAR))
-        images.append(encode(pixels, "JPEG" if index % 2 else "PNG"))
-    return images
-
-
-def solid(value: int, size: int = 16) -> bytes:
-    return encode(np.full((size, size, 3), value, dtype=np.uint8))

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .client import Outcome, build, multipart, send
-from .harness import Service
+from bench.launcher import Service
+from bench.wire import Outcome, build, multipart, send
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`python -m reliability overload|soak|fuzz|faults|all --out DIR [--quick]`
+"""`python -m tests.reliability overload|soak|fuzz|faults|all --out DIR [--quick]`
 
 Starts `python -m service` on free 127.0.0.1 ports (one fresh process per scenario), drives it
 with bounded request counts and time, writes DIR/results.json, DIR/results.md and the servers'
@@ -23,11 +23,13 @@ from typing import Any
 
 import httpx
 
+from bench.launcher import Service
+
 from . import faults as fault_scenarios
 from . import judge
 from .fuzz import fuzz_images, fuzz_openapi, fuzz_protocol
 from .graphs import write_conv, write_poison, write_tiny
-from .harness import ROOT, Service, sample_images
+from .images import ROOT, sample_images
 from .load import Target, overload, soak
 from .report import machine, markdown
 
@@ -188,7 +190,7 @@ def export_resnet18(repo: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reliability", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.reliability", description=__doc__)
     parser.add_argument("scenario", choices=["overload", "soak", "fuzz", "faults", "all"])
     parser.add_argument("--out", type=Path, required=True, help="directory for the results")
     parser.add_argument("--quick", action="store_true", help="about a minute, synthetic models")

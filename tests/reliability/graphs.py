@@ -146,7 +146,7 @@ def write_entry(
         "num_classes": classes,
         "embedding_dim": dim,
         "labels": [f"class{i}" for i in range(classes)],
-        "preprocessing": Preprocessing(resize_shorter=crop, crop=crop).to_dict(),
+        "preprocessing": Preprocessing(resize_shorter=crop, crop=crop).model_dump(mode="json"),
         "weights": {"source": "random:0", "trained": False},
         "max_batch_size": max_batch_size,
         "parity": {"passed": True},

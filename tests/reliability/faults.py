@@ -22,9 +22,11 @@ from typing import Any
 
 import httpx
 
-from .client import build, multipart, send
+from bench.launcher import Service, poll_until
+from bench.wire import build, multipart, send
+
 from .graphs import tiny_graph, write_tiny
-from .harness import Service, solid
+from .images import solid
 from .load import Tally, Target, wait_idle
 
 
@@ -100,11 +102,16 @@ def broken_model_at_startup(workdir: Path, case: str, deadline_s: float = 60.0) 
     directory = write_tiny(repo, "broken")
     breaks(directory)
     service = Service(repo, workdir / "server.log")
-    start, ever_ready = time.monotonic(), False
-    while service.process.poll() is None and time.monotonic() - start < deadline_s:
-        with contextlib.suppress(httpx.TransportError):
-            ever_ready |= httpx.get(f"{service.url}/readyz", timeout=1).status_code == 200
-        time.sleep(0.02)
+    start, ever_ready = time.monotonic(), []
+
+    def exited() -> bool:
+        if service.process.poll() is not None:
+            return True
+        ever_ready.append(httpx.get(f"{service.url}/readyz", timeout=1).status_code == 200)
+        return False
+
+    with contextlib.suppress(TimeoutError):
+        poll_until(exited, deadline_s, "exited")
     with service:
         exit_code = service.process.poll()
     log = service.log()
@@ -113,7 +120,7 @@ def broken_model_at_startup(workdir: Path, case: str, deadline_s: float = 60.0) 
         "exit_code": exit_code,
         "expected_exit_code": expected_exit,
         "seconds": round(time.monotonic() - start, 2),
-        "ever_ready": ever_ready,
+        "ever_ready": any(ever_ready),
         "critical": [line for line in log.splitlines() if " CRITICAL " in line],
         "traceback": "Traceback" in log,
         "unpickled": (directory / "UNPICKLED").exists(),

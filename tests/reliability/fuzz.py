@@ -21,9 +21,11 @@ from typing import Any
 import httpx
 from hypothesis import HealthCheck, given, seed, settings
 
-from .client import Outcome, build, multipart, read_response
-from .harness import Service, solid
+from bench.launcher import Service
+from bench.wire import Outcome, build, multipart, read_response
+
 from .hostile import HostileBody, hostile_bodies
+from .images import solid
 
 # The tests run `reliability-ci` unless HYPOTHESIS_PROFILE names another; `fuzz_images` (the
 # long command) runs `reliability-long` with its own example count.
@@ -215,8 +217,8 @@ async def run_case(service: Service, case: ProtocolCase, timeout_s: float) -> Ou
                 await writer.drain()
                 if case.pause_s:
                     await asyncio.sleep(case.pause_s)
-            status, headers, body = await reading
-        return Outcome(status, time.monotonic() - start, headers, body)
+            answer = await reading
+        return Outcome(answer.status, time.monotonic() - start, answer.headers, answer.body)
     except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
         return Outcome(None, time.monotonic() - start, error=f"{type(exc).__name__}: {exc}")
     finally:
