@@ -1,4 +1,4 @@
-"""`python -m bench engine|http`: the only place where exceptions become exit codes.
+"""`python -m bench engine|http|gpu`: the only place where exceptions become exit codes.
 
 0 when the results were written; 1 with a one-line reason otherwise; 2 for usage errors.
 """
@@ -184,15 +184,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="--start-service: wait this long for /readyz (default: 300)",
     )
     http.add_argument(
+        "--client-cores",
+        type=int,
+        default=0,
+        help="--start-service: pin the load generator to this many cores and the service to "
+        "the others, so that the client cannot take the service's decoding cores (default: 0, "
+        "both share every core)",
+    )
+    http.add_argument(
         "--engine-results",
         type=Path,
         help="results.json with engine rows --with-preprocessing, for the HTTP/engine ratio "
         "(default: the one in --out)",
     )
 
-    for mode in (engine, http):
+    gpu = sub.add_parser(
+        "gpu",
+        help="everything a GPU host must prove, in one run (make gpu-check)",
+        description="On a host with an NVIDIA GPU and onnxruntime-gpu, within 10 minutes: prove "
+        "the sessions run on CUDA, export ImageNet ResNet-18..152 at fp32 and fp16 (parity and "
+        "the fp16 gate on the GPU), engine latency at batch 1/8/32/128, ResNet-50 over HTTP at "
+        "concurrency 64 and 256, and the CUDA-graph, TensorRT and nvImageCodec variants. "
+        "Without CUDA it exits 1 at once.",
+    )
+    gpu.add_argument(
+        "--images",
+        type=Path,
+        default=Path("../shared/data/photos"),
+        help="real photos for the fp16 gate and the HTTP load (default: %(default)s)",
+    )
+    gpu.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=Path("weights"),
+        help="checkpoints; random:0 weights otherwise (default: %(default)s)",
+    )
+    gpu.add_argument(
+        "--client-cores",
+        type=int,
+        default=2,
+        help="cores kept for the HTTP load generator; the service gets the rest (default: 2)",
+    )
+    gpu.add_argument(
+        "--budget-s",
+        type=float,
+        default=570.0,
+        help="time for the whole run; steps that would start past it are skipped (default: 570)",
+    )
+
+    for mode in (engine, http, gpu):
         mode.add_argument(
-            "--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)"
+            "--out",
+            type=Path,
+            default=DEFAULT_OUT / "gpu" if mode is gpu else DEFAULT_OUT,
+            help="output directory (default: %(default)s)",
         )
         mode.add_argument("-v", "--verbose", action="store_true", help="tracebacks on failure")
     return parser
@@ -260,6 +305,13 @@ def run_http_mode(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if not args.start_service and not args.url:
         raise ValueError("give --url of a running service, or --start-service --repository REPO")
     concurrency = args.concurrency or (() if args.rate else (1, 8, 32))
+    service_cpus = client_cpus = None
+    if args.client_cores:
+        from .http_mode import split_cpus
+
+        if not args.start_service:
+            raise ValueError("--client-cores needs --start-service")
+        service_cpus, client_cpus = split_cpus(args.client_cores)
     started = time.perf_counter()
     options = HttpOptions(
         url=args.url,
@@ -280,11 +332,40 @@ def run_http_mode(args: argparse.Namespace, command: str) -> dict[str, Any]:
         service_ready_timeout_s=args.service_ready_timeout_s,
         protocol=args.protocol,
         grpc_url=args.grpc_url,
+        service_cpus=service_cpus,
+        client_cpus=client_cpus,
     )
     section = run_http(options, args.out, args.engine_results)
     section["command"] = command
     section["runtime_s"] = round(time.perf_counter() - started, 1)
     return section
+
+
+def run_gpu_mode(args: argparse.Namespace, command: str, load_at_start: float | None) -> int:
+    """`bench gpu`: 0 when every required step passed, 1 otherwise (results written either way,
+    except on a host without CUDA, which is refused before anything runs)."""
+    from .gpu import GpuCheckOptions, run_gpu_check, write_results
+    from .machine import machine_facts
+
+    started = time.perf_counter()
+    options = GpuCheckOptions(
+        out=args.out,
+        images=args.images,
+        weights_dir=args.weights_dir,
+        client_cores=args.client_cores,
+        budget_s=args.budget_s,
+    )
+    results, failed = run_gpu_check(options)
+    results["command"] = command
+    results["runtime_s"] = round(time.perf_counter() - started, 1)
+    results["machine"] = {**machine_facts(), "load_average_1m_at_start": load_at_start}
+    written = write_results(args.out, results, failed)
+    print((args.out / "results.md").read_text("utf-8"))
+    print(f"gpu: {results['runtime_s']:.0f} s; wrote {', '.join(str(p) for p in written)}")
+    if failed:
+        print(f"bench gpu failed: required steps {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def finish(args: argparse.Namespace, section: dict[str, Any], load_at_start: float | None) -> None:
@@ -324,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         "http": run_http_mode,
     }
     try:
+        if args.mode == "gpu":
+            return run_gpu_mode(args, command, load_at_start)
         section = runners[args.mode](args, command)
         finish(args, section, load_at_start)
     except KeyboardInterrupt:

@@ -46,6 +46,10 @@ class HttpOptions:
     service_ready_timeout_s: float
     protocol: str = "http"  # http | grpc (the Open Inference Protocol, bench/grpc_client.py)
     grpc_url: str | None = None  # host:port of a running service's gRPC port
+    # With --start-service: the cores the service runs on and those the load generator keeps
+    # (None: both share every core), so that the client cannot starve the service's decoding.
+    service_cpus: tuple[int, ...] | None = None
+    client_cpus: tuple[int, ...] | None = None
 
 
 @contextlib.contextmanager
@@ -58,9 +62,35 @@ def target(options: HttpOptions, out: Path) -> Iterator[tuple[str, str | None]]:
         return
     out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k.startswith("RESNET_SERVE_")}
-    with Service(options.start_service.resolve(), out / "service.log", env=env) as service:
+    with pinned(options.service_cpus):  # the service process inherits these cores
+        service = Service(options.start_service.resolve(), out / "service.log", env=env)
+    with service, pinned(options.client_cpus):
         service.wait_ready(options.service_ready_timeout_s)
         yield service.url, f"{service.host}:{service.grpc_port}"
+
+
+@contextlib.contextmanager
+def pinned(cpus: tuple[int, ...] | None) -> Iterator[None]:
+    """This thread (the load generator's event loop, and any process it starts) on `cpus`."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def split_cpus(client_cores: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(service cores, load generator cores): the last `client_cores` usable cores go to the
+    load generator, the rest to the service (at least one each)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise ValueError(f"cannot split {len(cores)} core between service and load generator")
+    take = min(max(client_cores, 1), len(cores) - 1)
+    return tuple(cores[:-take]), tuple(cores[-take:])
 
 
 def models_of(url: str) -> dict[str, dict[str, Any]]:
@@ -212,6 +242,11 @@ def run_http(options: HttpOptions, out: Path, engine_results: Path | None) -> di
         "body": "raw image" if options.raw_body else "multipart/form-data",
         "client": options.client,
         "protocol": options.protocol,
+        "cpus": (
+            {"service": list(options.service_cpus), "client": list(options.client_cpus or ())}
+            if options.service_cpus
+            else None
+        ),
         "requests_per_level": options.requests,
         "duration_s_per_level": options.duration_s,
         "timeout_s": options.timeout_s,

@@ -89,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="served precision: bf16 (OpenVINO, AMX) or int8 (onnxruntime, static quantization "
-        "calibrated on --calibration-images) are accepted only if they pass the gate (default "
-        "name ARCH_PRECISION)",
+        help="served precision: bf16 (OpenVINO, AMX), int8 (onnxruntime, static quantization "
+        "calibrated on --calibration-images) or fp16 (onnxruntime, for CUDA; float32 input and "
+        "outputs kept) are accepted only if they pass the gate, which records the device it "
+        "ran on (default name ARCH_PRECISION)",
     )
     parser.add_argument(
         "--gate-images",
@@ -220,6 +221,9 @@ def run_one(args: argparse.Namespace, arch: str, weights: str, *, skip: bool) ->
     if result.skipped:
         print(f"{result.name} v{result.version}: already present with the same weights, skipped")
         return 0
+    note = gate_device_note(meta)
+    if note:
+        print(note)
     worst = max(r["logits"]["max_abs"] for r in meta["parity"]["results"])
     gate = meta["precision_gate"]
     gate_text = f", {meta['precision']} gate passed" if gate else ""
@@ -229,6 +233,20 @@ def run_one(args: argparse.Namespace, arch: str, weights: str, *, skip: bool) ->
         f"parity passed, max |logit diff| {worst:.2e}{gate_text})"
     )
     return 0
+
+
+def gate_device_note(meta: dict[str, object]) -> str | None:
+    """One plain line when an fp16 gate ran somewhere other than CUDA."""
+    gate = meta.get("precision_gate")
+    if meta.get("precision") != "fp16" or not isinstance(gate, dict):
+        return None
+    device = str(gate.get("device"))
+    if device in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        return None
+    return (
+        f"note: the fp16 gate ran on {device} (no CUDA on this host); the CPU computes fp16 "
+        "differently from CUDA, so re-export on a GPU host to gate what a GPU will serve"
+    )
 
 
 def _split(archs: str) -> tuple[str, ...]:

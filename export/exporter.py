@@ -32,6 +32,7 @@ from .precision import (
     ENGINE_OF_PRECISION,
     PRECISIONS,
     GateThresholds,
+    convert_fp16,
     load_gate_data,
     open_engine,
     quantize_int8,
@@ -222,7 +223,7 @@ def export_model(request: ExportRequest) -> ExportResult:
             params=params,
             macs=macs,
             max_batch_size=request.max_batch_size,
-            parity=Report(**report.to_dict()),
+            parity=Report(**report.to_dict(), device=fp32.provider),
             precision_gate=Report(**gate) if gate is not None else None,
             export={
                 "exporter": EXPORTER,
@@ -253,6 +254,9 @@ def _reduce_precision(
         assert request.calibration_images is not None
         served = tmp / "model.int8.onnx"
         quantize_int8(graph, served, request.calibration_images)
+    elif request.precision == "fp16":
+        served = tmp / "model.fp16.onnx"
+        convert_fp16(graph, served)
     reduced = open_engine(served, request.precision, spec.input_size)
     gate = run_gate(
         fp32,
@@ -263,6 +267,7 @@ def _reduce_precision(
         request.gate_thresholds,
         request.max_batch_size,
     )
+    gate["device"] = reduced.provider  # where the reduced graph's arithmetic was judged
     if not gate["passed"]:
         agreement = gate["agreement"]
         parts = [f"agreement {agreement['top1_agreement']:.2%} on {agreement['images']} images"]

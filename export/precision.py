@@ -2,6 +2,11 @@
 
 - bf16: the fp32 graph, compiled by OpenVINO with a bf16 inference precision (AMX units).
 - int8: static QDQ quantization by onnxruntime, calibrated on real images; served by onnxruntime.
+- fp16: the graph's weights and arithmetic converted to float16, its input and outputs kept
+  float32 (so clients and the service see no difference); made for CUDA, served by onnxruntime.
+  The gate runs where the export runs: on a host without CUDA that is the CPU provider, which
+  computes many fp16 operators in float32 behind inserted casts, so such a gate says little
+  about CUDA's fp16 kernels; the device is recorded (`precision_gate.device`).
 
 A precision is accepted only if, against the fp32 graph run by onnxruntime:
 - top-1 accuracy on a labeled set whose classes are the model's drops by at most 0.3 points, and
@@ -30,6 +35,7 @@ ENGINE_OF_PRECISION: dict[str, EngineName] = {
     "fp32": "onnxruntime",
     "bf16": "openvino",
     "int8": "onnxruntime",
+    "fp16": "onnxruntime",
 }
 
 
@@ -99,6 +105,16 @@ def quantize_int8(fp32_graph: Path, out: Path, calibration: np.ndarray) -> None:
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
         )
+
+
+def convert_fp16(fp32_graph: Path, out: Path) -> None:
+    """float16 weights and arithmetic, float32 input and outputs (Cast nodes at the edges):
+    onnxruntime's own converter (onnxruntime.transformers.float16), which ships with it."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_graph)), keep_io_types=True)
+    onnx.save(model, str(out))
 
 
 def open_engine(graph: Path, precision: str, input_shape: tuple[int, ...]) -> Engine:

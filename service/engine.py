@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CPU", "CUDA", "Engine", "EngineConfig", "EngineError", "OrtEngine", "create_engine"]
 
+TENSORRT = "TensorrtExecutionProvider"
+# Providers whose sessions keep tensors on the GPU: IO binding and per-size warm-up pay there.
+GPU_PROVIDERS = (TENSORRT, CUDA)
+IO_BINDING_MODES = ("auto", "on", "off")
+
 
 class EngineError(RuntimeError):
     """A session could not be created as configured (missing provider, unreadable graph)."""
@@ -36,6 +41,9 @@ class Engine(Protocol):
     provider: str
     providers: list[str]
     io_binding: bool
+    # Optional, read with getattr (OpenVINO has none of them): the batch sizes with bound
+    # buffers, whether a CUDA graph replays, and how many runs warm each size.
+    # bound_batch_sizes: list[int]; cuda_graph: bool; warm_runs: int
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         """Outputs (float32, in the metadata's output order) for a float32 batch [N, C, H, W]."""
@@ -60,6 +68,15 @@ class EngineConfig:
     graph_optimization: str = "all"  # disable | basic | extended | all
     cudnn_conv_algo_search: str = _default("cudnn_conv_algo_search")
     cuda_device_id: int = 0
+    # auto: bound on the GPU only; on: bound wherever the session runs (CPU OrtValues included)
+    io_binding: str = "auto"
+    # TF32 rounds fp32 convolutions to a 10-bit mantissa on Ampere and later: off, so that what
+    # the export's parity gate proved at fp32 tolerances is what serves.
+    cuda_tf32: bool = False
+    cuda_graph: bool = False  # one captured CUDA graph per batch size (needs IO binding)
+    tensorrt: bool = False  # TensorRT first, then CUDA, then CPU
+    tensorrt_cache_dir: str | None = None  # default: REPO/.tensorrt-cache/<name>/<version>
+    max_batch_size: int = 32  # the largest TensorRT optimization profile
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
@@ -70,6 +87,14 @@ class EngineConfig:
             intra_op_threads=settings.intra_op_threads,
             allow_spinning=settings.allow_spinning,
             cudnn_conv_algo_search=settings.cudnn_conv_algo_search,
+            io_binding=settings.io_binding,
+            cuda_tf32=settings.cuda_tf32,
+            cuda_graph=settings.cuda_graph,
+            tensorrt=settings.tensorrt,
+            tensorrt_cache_dir=(
+                str(settings.tensorrt_cache_dir) if settings.tensorrt_cache_dir else None
+            ),
+            max_batch_size=settings.max_batch_size,
         )
 
 
@@ -116,6 +141,9 @@ def cuda_devices() -> tuple[int, str]:
 def resolve_providers(config: EngineConfig) -> list[str]:
     """The provider list to hand onnxruntime, validated against what this build offers."""
     available = ort.get_available_providers()
+    check_gpu_options(config, available)
+    if config.tensorrt:
+        return [TENSORRT, CUDA, CPU]
     if config.providers == "auto":
         wanted = [CUDA, CPU] if CUDA in available else [CPU]
     else:
@@ -147,6 +175,41 @@ def resolve_providers(config: EngineConfig) -> list[str]:
     return wanted
 
 
+def check_gpu_options(config: EngineConfig, available: list[str]) -> None:
+    """Refuse, before anything loads, GPU-only options this onnxruntime build cannot honour."""
+    if config.io_binding not in IO_BINDING_MODES:
+        raise EngineError(
+            f"io_binding must be one of {IO_BINDING_MODES}, not {config.io_binding!r}"
+        )
+    build = f"onnxruntime {ort.__version__} offers {available}"
+    if config.cuda_graph:
+        if CUDA not in available:
+            raise EngineError(
+                f"cuda_graph needs the CUDA execution provider, and {build}: install "
+                "onnxruntime-gpu on a host with an NVIDIA GPU, or drop cuda_graph"
+            )
+        if config.io_binding == "off":
+            raise EngineError("cuda_graph replays fixed device buffers: it needs io_binding")
+    if config.tensorrt:
+        missing = [p for p in (TENSORRT, CUDA) if p not in available]
+        if missing:
+            raise EngineError(
+                f"tensorrt needs {missing}, and {build}: install onnxruntime-gpu and TensorRT's "
+                "libraries (pip install 'resnet-serve[gpu,gpu-options]', README \"GPU\"), "
+                "or drop tensorrt"
+            )
+        if config.providers != "auto" and list(config.providers)[:1] not in ([TENSORRT], [CUDA]):
+            raise EngineError(
+                f"tensorrt puts TensorRT, CUDA, CPU first; providers={list(config.providers)} "
+                "asks for another order: leave providers at auto"
+            )
+    for option in ("cuda_graph", "tensorrt"):
+        if getattr(config, option):
+            devices, reason = cuda_devices()
+            if not devices:
+                raise EngineError(f"{option} needs a usable CUDA device: {reason}")
+
+
 def session_options(config: EngineConfig) -> ort.SessionOptions:
     options = ort.SessionOptions()
     try:
@@ -166,22 +229,79 @@ def session_options(config: EngineConfig) -> ort.SessionOptions:
     return options
 
 
-def provider_options(providers: list[str], config: EngineConfig) -> list[dict[str, str]]:
+def provider_options(
+    providers: list[str],
+    config: EngineConfig,
+    *,
+    model_path: str | Path | None = None,
+    input_name: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+) -> list[dict[str, str]]:
     result: list[dict[str, str]] = []
     for provider in providers:
         if provider == CUDA:
-            result.append(
-                {
-                    "device_id": str(config.cuda_device_id),
-                    "cudnn_conv_algo_search": config.cudnn_conv_algo_search,
-                }
-            )
+            options = {
+                "device_id": str(config.cuda_device_id),
+                "cudnn_conv_algo_search": config.cudnn_conv_algo_search,
+                "use_tf32": "1" if config.cuda_tf32 else "0",
+            }
+            if config.cuda_graph:
+                options["enable_cuda_graph"] = "1"
+            result.append(options)
+        elif provider == TENSORRT:
+            result.append(tensorrt_options(config, model_path, input_name, input_shape))
         else:
             result.append({})
     return result
 
 
-def create_session(model_path: str | Path, config: EngineConfig) -> ort.InferenceSession:
+def tensorrt_cache_dir(config: EngineConfig, model_path: str | Path) -> Path:
+    """Where TensorRT keeps the engines it builds for REPO/<name>/<version>/model.onnx: under
+    the repository, in a hidden directory the repository scan skips, one per model version."""
+    path = Path(model_path).resolve()
+    version_dir = path.parent
+    root = Path(config.tensorrt_cache_dir) if config.tensorrt_cache_dir else None
+    if root is None:
+        root = version_dir.parent.parent / ".tensorrt-cache"
+    return root / version_dir.parent.name / version_dir.name
+
+
+def tensorrt_options(
+    config: EngineConfig,
+    model_path: str | Path | None,
+    input_name: str | None,
+    input_shape: tuple[int, ...] | None,
+) -> dict[str, str]:
+    """TensorRT: engines cached on disk, one optimization profile from batch 1 to the largest
+    batch (without it, every new batch size would rebuild the engine). The graph's precision is
+    kept: no fp16 kernels for an fp32 export (its parity was proven at fp32); an fp16 export's
+    float16 tensors run in fp16 as typed."""
+    options = {
+        "device_id": str(config.cuda_device_id),
+        "trt_fp16_enable": "0",
+        "trt_engine_cache_enable": "1",
+        "trt_timing_cache_enable": "1",
+    }
+    if model_path is not None:
+        cache = tensorrt_cache_dir(config, model_path)
+        cache.mkdir(parents=True, exist_ok=True)
+        options["trt_engine_cache_path"] = str(cache)
+        options["trt_timing_cache_path"] = str(cache)
+    if input_name is not None and input_shape is not None:
+        dims = "x".join(str(d) for d in input_shape)
+        options["trt_profile_min_shapes"] = f"{input_name}:1x{dims}"
+        options["trt_profile_opt_shapes"] = f"{input_name}:{config.max_batch_size}x{dims}"
+        options["trt_profile_max_shapes"] = f"{input_name}:{config.max_batch_size}x{dims}"
+    return options
+
+
+def create_session(
+    model_path: str | Path,
+    config: EngineConfig,
+    *,
+    input_name: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+) -> ort.InferenceSession:
     """A session for `model_path`; fails loudly when a required provider did not take the graph."""
     providers = resolve_providers(config)
     if CUDA in providers and hasattr(ort, "preload_dlls"):
@@ -194,7 +314,13 @@ def create_session(model_path: str | Path, config: EngineConfig) -> ort.Inferenc
             str(model_path),
             sess_options=session_options(config),
             providers=providers,
-            provider_options=provider_options(providers, config),
+            provider_options=provider_options(
+                providers,
+                config,
+                model_path=model_path,
+                input_name=input_name,
+                input_shape=input_shape,
+            ),
         )
     except Exception as exc:
         raise EngineError(f"cannot load {model_path}: {exc}") from exc
@@ -203,18 +329,44 @@ def create_session(model_path: str | Path, config: EngineConfig) -> ort.Inferenc
         raise EngineError(
             f"CUDA is required but the session for {model_path} fell back to {in_use}"
         )
+    if config.tensorrt and in_use[0] != TENSORRT:
+        raise EngineError(
+            f"tensorrt is set but the session for {model_path} runs on {in_use}: onnxruntime "
+            "could not load TensorRT (its libraries missing or of another version)"
+        )
     return session
 
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+def wants_io_binding(mode: str, provider: str) -> bool:
+    """`io_binding` setting -> whether a session on `provider` runs through IO binding."""
+    if mode not in IO_BINDING_MODES:
+        raise EngineError(f"io_binding must be one of {IO_BINDING_MODES}, not {mode!r}")
+    return mode == "on" or (mode == "auto" and provider in GPU_PROVIDERS)
+
+
+@dataclass(frozen=True)
+class BoundBatch:
+    """One batch size's buffers on the session's device: the input and every output allocated
+    once and bound once; each batch of that size is copied into `input` and run in place."""
+
+    size: int
+    binding: ort.IOBinding
+    input: ort.OrtValue
+    outputs: tuple[ort.OrtValue, ...]
+    run_options: ort.RunOptions
+
+
 class OrtEngine:
     """One onnxruntime session for one graph, checked against the metadata it is served with.
 
-    On CUDA, inputs and outputs go through IO binding: the batch is copied to the device once and
-    outputs are allocated there by onnxruntime, instead of the implicit copies and host-side
-    allocations of `session.run`.
+    With IO binding (on GPU providers by default, anywhere with `io_binding="on"`), every batch
+    size gets its input and output buffers on the device once, bound once, and reused by every
+    later batch of that size: a batch costs one copy in and one copy of the outputs back,
+    instead of the allocations and implicit copies of `session.run`. Fixed buffer addresses
+    are also what a captured CUDA graph replays (`cuda_graph`, one graph per batch size).
     """
 
     def __init__(
@@ -227,13 +379,23 @@ class OrtEngine:
         input_shape: tuple[int, ...],
         io_binding: bool | None = None,
     ) -> None:
-        self.session = create_session(model_path, config)
+        self.session = create_session(
+            model_path, config, input_name=input_name, input_shape=input_shape
+        )
         self.providers: list[str] = self.session.get_providers()
         self.provider = self.providers[0]
         self.input_name, self.output_names = input_name, list(output_names)
-        self.io_binding = self.provider == CUDA if io_binding is None else io_binding
-        self._device = ("cuda", config.cuda_device_id) if self.provider == CUDA else ("cpu", 0)
+        mode = config.io_binding if io_binding is None else ("on" if io_binding else "off")
+        self.io_binding = wants_io_binding(mode, self.provider)
+        on_gpu = self.provider in GPU_PROVIDERS
+        self._device = ("cuda", config.cuda_device_id) if on_gpu else ("cpu", 0)
+        self.cuda_graph = config.cuda_graph and on_gpu and self.io_binding
+        self.input_shape = tuple(input_shape)
         self.input_dtype = self._check_io(model_path, input_shape)
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self._output_dtypes = [_NUMPY_TYPES.get(outputs[n].type, np.float32) for n in output_names]
+        self._bound: dict[int, BoundBatch] = {}
+        self._lock = threading.Lock()  # one batch at a time through the shared buffers
 
     def _check_io(self, model_path: str | Path, input_shape: tuple[int, ...]) -> type[np.generic]:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -264,17 +426,67 @@ class OrtEngine:
         """Outputs (as float32, in `output_names` order) for a float32 batch [N, C, H, W]."""
         batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
         if self.io_binding:
-            binding = self.session.io_binding()
-            device, device_id = self._device
-            value = ort.OrtValue.ortvalue_from_numpy(batch, device, device_id)
-            binding.bind_ortvalue_input(self.input_name, value)
-            for name in self.output_names:
-                binding.bind_output(name, device, device_id)
-            self.session.run_with_iobinding(binding)
-            outputs = binding.copy_outputs_to_cpu()
-        else:
-            outputs = self.session.run(self.output_names, {self.input_name: batch})
+            return self._run_bound(batch)
+        outputs = self.session.run(self.output_names, {self.input_name: batch})
         return [np.asarray(output, dtype=np.float32) for output in outputs]
+
+    @property
+    def bound_batch_sizes(self) -> list[int]:
+        """The batch sizes whose device buffers exist (warmed or seen), ascending."""
+        return sorted(self._bound)
+
+    def bound_batch(self, size: int) -> BoundBatch:
+        """The buffers of batch size `size`, allocated and bound on first use."""
+        bound = self._bound.get(size)
+        if bound is not None:
+            return bound
+        device, device_id = self._device
+        shape = (size, *self.input_shape)
+        value = ort.OrtValue.ortvalue_from_shape_and_type(
+            shape, self.input_dtype, device, device_id
+        )
+        outputs = tuple(
+            ort.OrtValue.ortvalue_from_shape_and_type(out_shape, dtype, device, device_id)
+            for out_shape, dtype in zip(self._output_shapes(size), self._output_dtypes, strict=True)
+        )
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, value)
+        for name, output in zip(self.output_names, outputs, strict=True):
+            binding.bind_ortvalue_output(name, output)
+        run_options = ort.RunOptions()
+        if self.cuda_graph:
+            # onnxruntime captures one graph per id on its first runs, then replays it.
+            run_options.add_run_config_entry("gpu_graph_id", str(size))
+        bound = BoundBatch(size, binding, value, outputs, run_options)
+        self._bound[size] = bound
+        return bound
+
+    def _output_shapes(self, size: int) -> list[tuple[int, ...]]:
+        """Each output's shape at batch `size`: from the graph when only the batch is dynamic,
+        else from one plain run (at first use of the size, never captured as a CUDA graph)."""
+        declared = {o.name: o.shape for o in self.session.get_outputs()}
+        rows = [declared[name][1:] for name in self.output_names]
+        if all(isinstance(d, int) for row in rows for d in row):
+            return [(size, *row) for row in rows]
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", "-1")
+        zeros = np.zeros((size, *self.input_shape), dtype=self.input_dtype)
+        probe = self.session.run(self.output_names, {self.input_name: zeros}, options)
+        return [tuple(out.shape) for out in probe]
+
+    @property
+    def warm_runs(self) -> int:
+        """Runs per batch size at warm-up: onnxruntime captures a CUDA graph only after a few
+        ordinary runs of it, and the capture must not land on a request."""
+        return 3 if self.cuda_graph else 1
+
+    def _run_bound(self, batch: np.ndarray) -> list[np.ndarray]:
+        with self._lock:
+            bound = self.bound_batch(len(batch))
+            bound.input.update_inplace(batch)
+            self.session.run_with_iobinding(bound.binding, bound.run_options)
+            # Copies: the buffers are overwritten by the next batch of this size.
+            return [np.array(out.numpy(), dtype=np.float32) for out in bound.outputs]
 
 
 def warm(
@@ -284,14 +496,17 @@ def warm(
     *,
     stop: threading.Event | None = None,
 ) -> list[int]:
-    """Run every batch size once, so that no request pays for a first run (cuDNN's algorithm
-    search, memory arena growth); the sizes warmed. Once `stop` is set, no further size starts
+    """Run every batch size (`engine.warm_runs` times, once when it has none), so that no
+    request pays for a first run (cuDNN's algorithm search, memory arena growth, a CUDA graph
+    capture); the sizes warmed. Once `stop` is set, no further size starts
     (a SIGTERM during a long CUDA warm-up waits for one run, not for all of them)."""
     warmed = []
+    runs = getattr(engine, "warm_runs", 1)
     for size in batch_sizes:
         if stop is not None and stop.is_set():
             break
-        engine.run(np.zeros((size, *input_shape), dtype=np.float32))
+        for _ in range(runs):
+            engine.run(np.zeros((size, *input_shape), dtype=np.float32))
         warmed.append(size)
     return warmed
 

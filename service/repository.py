@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-Precision = Literal["fp32", "bf16", "int8"]
+Precision = Literal["fp32", "bf16", "int8", "fp16"]
 EngineName = Literal["onnxruntime", "openvino"]
 
 
@@ -104,7 +104,7 @@ class ModelMetadata(BaseModel):
     macs: int | None = None
     max_batch_size: int | None = Field(None, ge=1, description="largest batch parity verified")
     parity: Report
-    precision_gate: Report | None = Field(None, description="bf16/int8 only")
+    precision_gate: Report | None = Field(None, description="bf16/int8/fp16 only")
     export: dict[str, Any] | None = Field(
         None, description="exporter, opset and the library versions that wrote it"
     )

@@ -72,7 +72,7 @@ class ModelInfo(BaseModel):
     version: int
     arch: str
     family: str
-    precision: str = Field(description="fp32, bf16 or int8: what the export's gate accepted")
+    precision: str = Field(description="fp32, bf16, int8 or fp16: what the export's gate accepted")
     engine: str = Field(description="onnxruntime or openvino")
     trained: bool = TRAINED
     state: Literal["loading", "ready", "failed"]
@@ -91,6 +91,11 @@ class ModelInfo(BaseModel):
     max_delay_ms: float
     max_queue_images: int
     warmed_batch_sizes: list[int]
+    gpu: dict[str, Any] = Field(
+        description="the settings that only matter on a GPU (io_binding, warm-up, TF32, CUDA "
+        "graphs, TensorRT, JPEG decoder, fp16 on CPU) and what the engine made of them "
+        "(cuda_graph_in_use, bound_batch_sizes)"
+    )
     metadata: dict[str, Any] = Field(description="the model's metadata.json, as validated")
 
 

@@ -24,6 +24,7 @@ from .batcher import Batcher, Outputs
 from .disconnect import unless_disconnected
 from .engine import (
     CUDA,
+    GPU_PROVIDERS,
     Engine,
     EngineConfig,
     EngineError,
@@ -39,9 +40,9 @@ from .errors import (
     RequestTimeoutError,
     ServiceError,
 )
+from .gpu_decode import image_preprocessor
 from .metrics import Metrics
 from .postprocess import predictions, unit_norm
-from .preprocess import preprocess_into
 from .repository import ModelEntry, scan_repository
 from .settings import Settings
 from .tracing import annotate_model, stage
@@ -98,10 +99,11 @@ class ServedModel:
         if not self.users and self._idle is not None:
             self._idle.set()
 
-    def warmup_sizes(self, provider: str) -> list[int]:
-        """Every size the batcher can form on CUDA (a new shape can cost seconds there); on CPU
-        onnxruntime has no per-shape setup worth paying for, so the extremes are enough."""
-        if provider == CUDA:
+    def warmup_sizes(self, provider: str, mode: str = "auto") -> list[int]:
+        """Every size the batcher can form on a GPU (a new shape can cost seconds there: cuDNN's
+        algorithm search, a CUDA graph capture); on CPU onnxruntime has no per-shape setup worth
+        paying for, so the extremes are enough. `mode` (warmup_batch_sizes) overrides."""
+        if mode == "all" or (mode == "auto" and provider in GPU_PROVIDERS):
             return list(range(1, self.max_batch_size + 1))
         return sorted({1, self.max_batch_size})
 
@@ -132,8 +134,40 @@ class ServedModel:
             "max_delay_ms": settings.max_delay_ms,
             "max_queue_images": settings.max_queue_images,
             "warmed_batch_sizes": self.warmed,
+            "gpu": gpu_facts(settings, engine),
             "metadata": entry.metadata.model_dump(mode="json"),
         }
+
+
+def gpu_facts(settings: Settings, engine: Engine | None) -> dict[str, Any]:
+    """The settings that only matter on a GPU, and what the engine made of them."""
+    return {
+        "io_binding_setting": settings.io_binding,
+        "warmup_batch_sizes_setting": settings.warmup_batch_sizes,
+        "cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
+        "cuda_tf32": settings.cuda_tf32,
+        "cuda_graph": settings.cuda_graph,
+        "cuda_graph_in_use": bool(getattr(engine, "cuda_graph", False)),
+        "tensorrt": settings.tensorrt,
+        "jpeg_decoder": settings.jpeg_decoder,
+        "allow_fp16_on_cpu": settings.allow_fp16_on_cpu,
+        "bound_batch_sizes": list(getattr(engine, "bound_batch_sizes", [])),
+    }
+
+
+def check_fp16_device(entry: ModelEntry, provider: str, settings: Settings) -> None:
+    """An fp16 export is made and gated for CUDA; on the CPU provider onnxruntime computes
+    many fp16 operators in float32 behind inserted casts, so it differs from what was gated
+    and is refused unless `allow_fp16_on_cpu`."""
+    if entry.precision != "fp16" or provider in GPU_PROVIDERS or settings.allow_fp16_on_cpu:
+        return
+    gate = entry.metadata.precision_gate
+    device = (gate.model_extra or {}).get("device", "?") if gate is not None else "?"
+    raise EngineError(
+        f"model {entry.name} v{entry.version} is fp16 (gated on {device}) and "
+        f"would run on {provider}: serve it on a GPU, or pass --allow-fp16-on-cpu "
+        "(RESNET_SERVE_ALLOW_FP16_ON_CPU=true) to accept CPU fp16 arithmetic"
+    )
 
 
 class DataPlane:
@@ -151,6 +185,9 @@ class DataPlane:
                 f"default_model {settings.default_model!r} is not in the repository "
                 f"(models: {sorted(entries)})"
             )
+        for entry in entries.values():
+            check_fp16_device(entry, self.providers[0], settings)
+        self.preprocess_into = image_preprocessor(settings.jpeg_decoder)
         self.models = {name: ServedModel(entry, settings) for name, entry in entries.items()}
         self.draining = False
         self.fatal: str | None = None
@@ -228,7 +265,8 @@ class DataPlane:
         entry, started = model.entry, time.monotonic()
         engine = await asyncio.to_thread(open_entry, entry, self.engine_config)
         model.engine = engine
-        if CUDA in self.providers and engine.provider != CUDA:
+        check_fp16_device(entry, engine.provider, self.settings)
+        if CUDA in self.providers and engine.provider not in GPU_PROVIDERS:
             log.warning(
                 "model %s runs on %s although CUDA is available", entry.name, engine.provider
             )
@@ -240,7 +278,7 @@ class DataPlane:
             engine.providers,
             engine.io_binding,
         )
-        sizes = model.warmup_sizes(engine.provider)
+        sizes = model.warmup_sizes(engine.provider, self.settings.warmup_batch_sizes)
         model.warmed = await asyncio.to_thread(
             warm, engine, sizes, entry.input_shape, stop=self._stopping
         )
@@ -342,7 +380,7 @@ class DataPlane:
     def _preprocess(self, model: ServedModel, index: int, blob: bytes, out: np.ndarray) -> None:
         start = time.monotonic()
         try:
-            preprocess_into(
+            self.preprocess_into(
                 blob, model.entry.preprocessing, out, max_pixels=self.settings.max_image_pixels
             )
         except ServiceError as exc:

@@ -50,6 +50,47 @@ class Settings(BaseSettings):
         "the first run of each shape, which the warm-up of every batch size pays before "
         "/readyz, so requests get the fastest ones",
     )
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="bind each batch size's input and output buffers once on the session's "
+        "device and reuse them; auto: on for CUDA/TensorRT sessions only (on also works with "
+        "CPU buffers, which is how CI runs this path)",
+    )
+    warmup_batch_sizes: Literal["auto", "all", "extremes"] = Field(
+        "auto",
+        description="batch sizes run once before /readyz: all (every size the batcher can form), "
+        "extremes (1 and the largest); auto: all on a GPU, extremes on CPU",
+    )
+    cuda_tf32: bool = Field(
+        False,
+        description="CUDA: let fp32 convolutions and matrix products use TF32 tensor cores "
+        "(faster, but outside the fp32 tolerances the export's parity gate proved)",
+    )
+    cuda_graph: bool = Field(
+        False,
+        description="CUDA: capture one CUDA graph per batch size at warm-up and replay it "
+        "(needs io_binding and every node on CUDA); off until make gpu-check measured it",
+    )
+    tensorrt: bool = Field(
+        False,
+        description="run sessions on onnxruntime's TensorRT provider (then CUDA, then CPU), "
+        "engines cached under the model repository; off until make gpu-check measured it",
+    )
+    tensorrt_cache_dir: Path | None = Field(
+        None,
+        description="TensorRT engine cache (default: MODEL_REPOSITORY/.tensorrt-cache, one "
+        "directory per model version; it must be writable)",
+    )
+    jpeg_decoder: Literal["pillow", "nvimgcodec"] = Field(
+        "pillow",
+        description="JPEG decoding: pillow (CPU, DCT-domain downscaling) or nvimgcodec (the GPU, "
+        "NVIDIA nvImageCodec); off the GPU until make gpu-check measured it",
+    )
+    allow_fp16_on_cpu: bool = Field(
+        False,
+        description="serve fp16 exports on the CPU provider, whose fp16 arithmetic differs from "
+        "the CUDA kernels they are made for (refused otherwise)",
+    )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per session (0: cores)")
     allow_spinning: bool = Field(
         False,
@@ -150,6 +191,13 @@ class Settings(BaseSettings):
         providers = self.provider_list
         if providers != "auto" and self.require_cuda and CUDA not in providers:
             raise ValueError(f"require_cuda is set but providers={self.providers!r} omit CUDA")
+        if providers != "auto" and (self.cuda_graph or self.tensorrt) and CUDA not in providers:
+            wanted = "cuda_graph" if self.cuda_graph else "tensorrt"
+            raise ValueError(f"{wanted} is set but providers={self.providers!r} omit CUDA")
+        if self.cuda_graph and self.io_binding == "off":
+            raise ValueError("cuda_graph replays fixed device buffers: it needs io_binding")
+        if self.cuda_graph and self.tensorrt:
+            raise ValueError("cuda_graph applies to the CUDA provider; drop it with tensorrt")
         if self.max_images_per_request > self.max_queue_images:
             raise ValueError(
                 f"max_images_per_request ({self.max_images_per_request}) exceeds "
