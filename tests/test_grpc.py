@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from bench.launcher import Service
 
@@ -21,9 +23,6 @@ from .reliability.graphs import write_tiny
 from .reliability.images import sample_images
 from .service_helpers import export, multipart
 from .test_oip import MODEL, SAMPLES, TOLERANCE, preprocessed, softmax
-
-grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 
 @pytest.fixture(scope="module")

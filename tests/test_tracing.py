@@ -15,7 +15,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace.export import in_memory_span_exporter as sdk_export
 
 from bench.launcher import Service, free_port
 from service.api import create_app
@@ -25,9 +27,6 @@ from .conftest import ROOT
 from .reliability.graphs import write_tiny
 from .reliability.images import sample_images, solid
 from .service_helpers import wait_ready
-
-sdk_export = pytest.importorskip("opentelemetry.sdk.trace.export.in_memory_span_exporter")
-grpcclient = pytest.importorskip("tritonclient.grpc")
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
