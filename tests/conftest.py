@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,3 +57,56 @@ def normalize_cifar(images: np.ndarray) -> np.ndarray:
     mean = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(1, 3, 1, 1)
     std = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(1, 3, 1, 1)
     return (x - mean) / std
+
+
+# The real ResNet-20 served over HTTP and gRPC, shared by the Open Inference Protocol tests
+# (test_oip.py over HTTP, test_grpc.py over gRPC): one service per test module.
+SAMPLES = SHARED_DATA / "cifar10-test" / "samples"
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[bytes]:
+    """The 20 CIFAR-10 test PNGs (32x32, two per class), as files."""
+    return [path.read_bytes() for path in sorted(require(SAMPLES).glob("*.png"))]
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, resnet20_checkpoint: Path, samples: list[bytes]
+) -> Iterator[Any]:
+    """The exported checkpoint, served (`samples` first: without them, skip before exporting)."""
+    from bench.launcher import Service
+
+    from .service_helpers import export
+
+    repo = tmp_path_factory.mktemp("repo")
+    export("cifar_resnet20", str(resnet20_checkpoint), repo)
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    with Service(repo, log, "--max-delay-ms=5", "--intra-op-threads=1") as service:
+        service.wait_ready()
+        yield service
+        assert service.terminate() == 0, service.log()
+    assert "Traceback" not in service.log(), service.log()
+
+
+@pytest.fixture(scope="module")
+def ours(server: Any, samples: list[bytes]) -> dict[str, Any]:
+    """/classify (every class, so that all scores are known) and /embed on the samples."""
+    import httpx
+
+    from .service_helpers import multipart
+
+    files = multipart(samples)
+    classify = httpx.post(f"{server.url}/classify?top_k=10", files=files, timeout=60)
+    embed = httpx.post(f"{server.url}/embed", files=files, timeout=60)
+    assert classify.status_code == embed.status_code == 200, classify.text + embed.text
+    predictions = classify.json()["predictions"]
+    scores = np.zeros((len(samples), 10))
+    for row, ranked in zip(scores, predictions, strict=True):
+        for p in ranked:
+            row[p["index"]] = p["score"]
+    return {
+        "scores": scores,
+        "ranked": [[(p["index"], p["label"]) for p in ranked] for ranked in predictions],
+        "embeddings": np.array(embed.json()["embeddings"], dtype=np.float32),
+    }

@@ -18,31 +18,9 @@ from tritonclient.utils import InferenceServerException
 
 from bench.launcher import Service
 
-from .conftest import require
 from .reliability.graphs import write_tiny
 from .reliability.images import sample_images
-from .service_helpers import export, multipart
-from .test_oip import MODEL, SAMPLES, TOLERANCE, preprocessed, softmax
-
-
-@pytest.fixture(scope="module")
-def samples() -> list[bytes]:
-    """The 20 CIFAR-10 test PNGs (32x32, two per class), as files."""
-    return [path.read_bytes() for path in sorted(require(SAMPLES).glob("*.png"))]
-
-
-@pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, resnet20_checkpoint: Path, samples: list[bytes]
-) -> Iterator[Service]:
-    repo = tmp_path_factory.mktemp("repo")
-    export(MODEL, str(resnet20_checkpoint), repo)
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    with Service(repo, log, "--max-delay-ms=5", "--intra-op-threads=1") as service:
-        service.wait_ready()
-        yield service
-        assert service.terminate() == 0, service.log()
-    assert "Traceback" not in service.log(), service.log()
+from .test_oip import MODEL, TOLERANCE, preprocessed, softmax
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +28,6 @@ def client(server: Service) -> Iterator[Any]:
     triton = grpcclient.InferenceServerClient(url=f"127.0.0.1:{server.grpc_port}")
     yield triton
     triton.close()
-
-
-@pytest.fixture(scope="module")
-def ours(server: Service, samples: list[bytes]) -> dict[str, Any]:
-    """/classify (every class) and /embed on the samples, over HTTP."""
-    files = multipart(samples)
-    classify = httpx.post(f"{server.url}/classify?top_k=10", files=files, timeout=60)
-    embed = httpx.post(f"{server.url}/embed", files=files, timeout=60)
-    assert classify.status_code == embed.status_code == 200, classify.text + embed.text
-    scores = np.zeros((len(samples), 10))
-    for row, ranked in zip(scores, classify.json()["predictions"], strict=True):
-        for p in ranked:
-            row[p["index"]] = p["score"]
-    ranked = [[(p["index"], p["label"]) for p in r] for r in classify.json()["predictions"]]
-    embeddings = np.array(embed.json()["embeddings"], dtype=np.float32)
-    return {"scores": scores, "ranked": ranked, "embeddings": embeddings}
 
 
 def tensor_input(images: np.ndarray) -> Any:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -23,8 +22,8 @@ from bench.launcher import Service
 from service.api import create_app
 from service.settings import Settings
 
-from .conftest import SHARED_DATA, normalize_cifar, require
-from .service_helpers import export, multipart, wait_ready, write_tiny_model
+from .conftest import normalize_cifar
+from .service_helpers import wait_ready, write_tiny_model
 
 httpclient = pytest.importorskip(
     "tritonclient.http", reason="tritonclient[http] (a dev dependency) is not installed"
@@ -32,30 +31,8 @@ httpclient = pytest.importorskip(
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 MODEL = "cifar_resnet20"
-SAMPLES = SHARED_DATA / "cifar10-test" / "samples"
 TOLERANCE = 1e-5
 HEADER_LENGTH = "Inference-Header-Content-Length"
-
-
-@pytest.fixture(scope="module")
-def samples() -> list[bytes]:
-    """The 20 CIFAR-10 test PNGs (32x32, two per class), as files."""
-    return [path.read_bytes() for path in sorted(require(SAMPLES).glob("*.png"))]
-
-
-@pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, resnet20_checkpoint: Path, samples: list[bytes]
-) -> Iterator[Service]:
-    """The exported checkpoint, served (`samples` first: without them, skip before exporting)."""
-    repo = tmp_path_factory.mktemp("repo")
-    export(MODEL, str(resnet20_checkpoint), repo)
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    with Service(repo, log, "--max-delay-ms=5", "--intra-op-threads=1") as service:
-        service.wait_ready()
-        yield service
-        assert service.terminate() == 0, service.log()
-    assert "Traceback" not in service.log(), service.log()
 
 
 @pytest.fixture(scope="module")
@@ -63,25 +40,6 @@ def client(server: Service) -> Iterator[Any]:
     triton = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
     yield triton
     triton.close()
-
-
-@pytest.fixture(scope="module")
-def ours(server: Service, samples: list[bytes]) -> dict[str, Any]:
-    """/classify (every class, so that all scores are known) and /embed on the samples."""
-    files = multipart(samples)
-    classify = httpx.post(f"{server.url}/classify?top_k=10", files=files, timeout=60)
-    embed = httpx.post(f"{server.url}/embed", files=files, timeout=60)
-    assert classify.status_code == embed.status_code == 200, classify.text + embed.text
-    predictions = classify.json()["predictions"]
-    scores = np.zeros((len(samples), 10))
-    for row, ranked in zip(scores, predictions, strict=True):
-        for p in ranked:
-            row[p["index"]] = p["score"]
-    return {
-        "scores": scores,
-        "ranked": [[(p["index"], p["label"]) for p in ranked] for ranked in predictions],
-        "embeddings": np.array(embed.json()["embeddings"], dtype=np.float32),
-    }
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
