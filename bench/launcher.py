@@ -153,6 +153,13 @@ class Service:
             raise TimeoutError(f"{name}{labels} stuck at {stuck}:\n{self.log()[-4000:]}") from None
         return values[-1]
 
+    def wait_idle(self, model: str, deadline_s: float = 60.0) -> float:
+        """Seconds until no image waits and no request is in flight for `model`."""
+        start = time.monotonic()
+        for gauge in ("resnet_serve_queue_depth_images", "resnet_serve_requests_in_flight"):
+            self.wait_metric(gauge, lambda v: v == 0, deadline_s, model=model)
+        return time.monotonic() - start
+
     def terminate(self, timeout_s: float = 60.0) -> int:
         """SIGTERM, then the exit status; a process that does not stop is killed and raises."""
         if self.process.poll() is None:

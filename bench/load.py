@@ -1,8 +1,18 @@
-"""`bench http`: closed-loop and open-loop load against a running service.
+"""The one load generator of the repository: `bench http` and the reliability suite drive it.
 
-Request bodies are encoded once up front, so the client spends its CPU on sending, not on
-building multipart bodies: on a 2-core machine the client shares the cores with the service.
-Every level is bounded by a request count and a duration; every request by a total timeout.
+One closed loop (`drive`: N workers, each sending its next request when the last one was answered,
+bounded by a request count and a duration, optionally sampling the server meanwhile), an open loop
+(`open_loop`, fixed arrival rate), and one `Tally` that accounts for every request: its status or
+why there was none, its latency, the status it was meant to get.
+
+Two ways to build load on it:
+- `bench http` (`LoadSpec`, `closed_loop`, `open_loop`): bodies encoded once up front and sent over
+  reused keep-alive connections (the lean wire client, httpx or gRPC), so that on a 2-core machine
+  the client spends its CPU on sending, not on building bodies; `Tally.level` is its figures.
+- the reliability suite (`Target`, `Target.closed_loop`, `Target.burst`): one connection per
+  request (`bench.wire.send`), so each one is accounted for exactly (ok, rejected with or without
+  Retry-After, failed, refused, lost) and a client can disconnect on purpose; `Tally.summary`.
+Every request is bounded by a total timeout.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -21,8 +32,10 @@ from urllib.parse import urlsplit
 import httpx
 from tqdm import tqdm
 
-from .stats import summarize
-from .wire import WireClient, multipart
+from .launcher import Service
+from .stats import percentiles, summarize
+from .wire import Outcome, WireClient, build, multipart
+from .wire import send as send_on_new_connection
 
 CLIENTS = ("wire", "httpx")
 
@@ -47,25 +60,128 @@ class LoadSpec:
 
 
 @dataclass
-class Recorder:
-    latencies_s: list[float] = field(default_factory=list)
-    statuses: Counter[str] = field(default_factory=Counter)
-    images_ok: int = 0
-    sent: int = 0
+class Tally:
+    """Every request's outcome, the status it was meant to get (None: a client that disconnects
+    on purpose) and how many images it carried."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    expected: list[int | None] = field(default_factory=list)
+    images: list[int] = field(default_factory=list)
+
+    def add(self, outcome: Outcome, expected: int | None = 200, images: int = 1) -> None:
+        self.outcomes.append(outcome)
+        self.expected.append(expected)
+        self.images.append(images)
 
     def level(self, wall_s: float, images_per_request: int) -> dict[str, Any]:
-        ok = self.statuses.get("200", 0)
+        """bench's figures: answers by status (or error), throughput and latency of the 200s."""
+        statuses: Counter[str] = Counter()
+        latencies: list[float] = []
+        images_ok = 0
+        for outcome, images in zip(self.outcomes, self.images, strict=True):
+            status = _status(outcome)
+            statuses[status] += 1
+            if status == "200":
+                latencies.append(outcome.latency_s)
+                images_ok += images
+        ok = statuses.get("200", 0)
         return {
-            "requests": self.sent,
+            "requests": len(self.outcomes),
             "images_per_request": images_per_request,
             "ok": ok,
-            "errors": self.sent - ok,
-            "statuses": dict(self.statuses),
+            "errors": len(self.outcomes) - ok,
+            "statuses": dict(statuses),
             "wall_s": wall_s,
-            "images_per_s": self.images_ok / wall_s if wall_s > 0 else 0.0,
+            "images_per_s": images_ok / wall_s if wall_s > 0 else 0.0,
             "requests_per_s": ok / wall_s if wall_s > 0 else 0.0,
-            "latency": summarize(self.latencies_s),
+            "latency": summarize(latencies),
         }
+
+    def summary(self, duration_s: float | None = None) -> dict[str, Any]:
+        """The reliability suite's account: sent, ok, rejected (503, which must carry
+        Retry-After), failed (any other status than the one expected), refused (never
+        connected), lost (connected, no answer) and abandoned (disconnected on purpose)."""
+        kinds = ("sent", "ok", "rejected", "failed", "lost", "refused", "abandoned")
+        counts = dict.fromkeys(kinds, 0)
+        ok: list[float] = []
+        rejected: list[float] = []
+        no_retry_after = 0
+        errors: dict[str, int] = {}
+        for outcome, expected in zip(self.outcomes, self.expected, strict=True):
+            if expected is None:  # a client that disconnects on purpose
+                counts["abandoned"] += 1
+                continue
+            counts["sent"] += 1
+            kind = outcome.kind
+            if kind == "rejected":
+                rejected.append(outcome.latency_s)
+                no_retry_after += "retry-after" not in outcome.headers
+            elif outcome.status is not None and outcome.status != expected:
+                kind = "failed"
+                key = f"{outcome.status} (expected {expected})"
+                errors[key] = errors.get(key, 0) + 1
+            elif outcome.status is not None:
+                kind = "ok"
+                if expected == 200:
+                    ok.append(outcome.latency_s)
+            else:
+                errors[outcome.error or "?"] = errors.get(outcome.error or "?", 0) + 1
+            counts[kind] += 1
+        result: dict[str, Any] = {
+            **counts,
+            "rejected_without_retry_after": no_retry_after,
+            "ok_latency_s": percentiles(ok),
+            "rejected_latency_s": percentiles(rejected),
+            "errors": errors,
+        }
+        if duration_s:
+            result["duration_s"] = round(duration_s, 2)
+            result["ok_per_s"] = round(len(ok) / duration_s, 1)
+        return result
+
+
+def _status(outcome: Outcome) -> str:
+    """bench's key for an outcome: the status, or the error that took its place."""
+    if outcome.status is None:
+        return outcome.error or "?"
+    return str(outcome.status) if outcome.error is None else f"{outcome.status} {outcome.error}"
+
+
+async def drive(
+    step: Callable[[int], Awaitable[bool | None]],
+    concurrency: int,
+    *,
+    requests: int | None = None,
+    duration_s: float | None = None,
+    on_sample: Callable[[], None] | None = None,
+) -> float:
+    """The closed loop: `concurrency` workers, each running `step(i)` for the next request
+    number i as soon as its last step returned, until `requests` were started, `duration_s`
+    passed, or a step returned False; `on_sample` runs every half second meanwhile. The wall
+    time in seconds."""
+    tickets = itertools.count()
+    start = time.perf_counter()
+    deadline = start + duration_s if duration_s is not None else float("inf")
+    limit = requests if requests is not None else float("inf")
+    done = asyncio.Event()
+
+    async def worker() -> None:
+        while (i := next(tickets)) < limit and time.perf_counter() < deadline:
+            if await step(i) is False:
+                break
+
+    async def sampler() -> None:
+        while on_sample is not None and not done.is_set() and time.perf_counter() < deadline:
+            on_sample()
+            await asyncio.sleep(0.5)
+
+    sampling = asyncio.ensure_future(sampler())
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        done.set()
+        await sampling
+    return time.perf_counter() - start
 
 
 def image_groups(
@@ -166,24 +282,19 @@ async def send(
     client: Poster,
     spec: LoadSpec,
     payload: Payload,
-    recorder: Recorder,
+    tally: Tally,
     started: float | None = None,
 ) -> None:
     """One request; latency from `started` (open loop: its scheduled time) to the full answer."""
     t0 = time.perf_counter() if started is None else started
-    recorder.sent += 1
     try:
         code, body = await asyncio.wait_for(client.post(payload), timeout=spec.timeout_s)
-        elapsed = time.perf_counter() - t0
-        status = str(code)
-        if status == "200" and _results(body, spec.expect_key) != payload.images:
-            status = "200 with a wrong body"
+        outcome = Outcome(code, time.perf_counter() - t0)
+        if code == 200 and _results(body, spec.expect_key) != payload.images:
+            outcome.error = "with a wrong body"
     except (httpx.HTTPError, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
-        elapsed, status = time.perf_counter() - t0, type(exc).__name__
-    recorder.statuses[status] += 1
-    if status == "200":
-        recorder.latencies_s.append(elapsed)
-        recorder.images_ok += payload.images
+        outcome = Outcome(None, time.perf_counter() - t0, error=type(exc).__name__)
+    tally.add(outcome, images=payload.images)
 
 
 def _results(body: bytes, key: str) -> int | None:
@@ -198,22 +309,17 @@ def _results(body: bytes, key: str) -> int | None:
 
 async def closed_loop(spec: LoadSpec, concurrency: int, desc: str) -> dict[str, Any]:
     """`concurrency` workers, each sending its next request when the last one was answered."""
-    recorder = Recorder()
-    tickets = itertools.count()
+    tally = Tally()
     progress = tqdm(total=spec.requests, desc=desc, unit="req", file=sys.stderr, disable=None)
     async with _poster(spec, concurrency) as client:
-        start = time.perf_counter()
-        deadline = start + spec.duration_s
 
-        async def worker() -> None:
-            while (i := next(tickets)) < spec.requests and time.perf_counter() < deadline:
-                await send(client, spec, spec.payloads[i % len(spec.payloads)], recorder)
-                progress.update()
+        async def step(i: int) -> None:
+            await send(client, spec, spec.payloads[i % len(spec.payloads)], tally)
+            progress.update()
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+        wall = await drive(step, concurrency, requests=spec.requests, duration_s=spec.duration_s)
     progress.close()
-    return {"concurrency": concurrency, **recorder.level(wall, spec.payloads[0].images)}
+    return {"concurrency": concurrency, **tally.level(wall, spec.payloads[0].images)}
 
 
 async def open_loop(
@@ -226,7 +332,7 @@ async def open_loop(
     """
     if rate_per_s <= 0:
         raise ValueError("the arrival rate must be positive")
-    recorder = Recorder()
+    tally = Tally()
     count = min(spec.requests, max(1, int(spec.duration_s * rate_per_s)))
     progress = tqdm(total=count, desc=desc, unit="req", file=sys.stderr, disable=None)
     tasks: list[asyncio.Task[None]] = []
@@ -238,14 +344,14 @@ async def open_loop(
             if delay > 0:
                 await asyncio.sleep(delay)
             payload = spec.payloads[i % len(spec.payloads)]
-            task = asyncio.create_task(send(client, spec, payload, recorder, started=scheduled))
+            task = asyncio.create_task(send(client, spec, payload, tally, started=scheduled))
             task.add_done_callback(lambda _: progress.update())
             tasks.append(task)
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
     progress.close()
-    level = recorder.level(wall, spec.payloads[0].images)
-    return {"rate_per_s": rate_per_s, **level, "achieved_rate_per_s": recorder.sent / wall}
+    level = tally.level(wall, spec.payloads[0].images)
+    return {"rate_per_s": rate_per_s, **level, "achieved_rate_per_s": len(tally.outcomes) / wall}
 
 
 async def warm_up(spec: LoadSpec, requests: int, concurrency: int) -> dict[str, int]:
@@ -255,3 +361,59 @@ async def warm_up(spec: LoadSpec, requests: int, concurrency: int) -> dict[str, 
     warm = dataclasses.replace(spec, requests=requests)
     level = await closed_loop(warm, max(1, min(concurrency, requests)), "warm-up")
     return level["statuses"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The reliability suite's load: a served model and the images sent to it, one connection
+    per request."""
+
+    service: Service
+    model: str
+    images: list[bytes]
+    timeout_s: float = 60.0
+
+    def request(
+        self, index: int, *, images: int = 1, endpoint: str = "classify", model: str | None = None
+    ) -> bytes:
+        blobs = [self.images[(index + k) % len(self.images)] for k in range(images)]
+        content_type, body = multipart(blobs)
+        target = f"/{endpoint}?model={model or self.model}"
+        return build("POST", target, host=self.service.host, body=body, content_type=content_type)
+
+    async def send(self, request: bytes, **options: Any) -> Outcome:
+        options.setdefault("timeout_s", self.timeout_s)
+        service = self.service
+        return await send_on_new_connection(service.host, service.port, request, **options)
+
+    async def closed_loop(
+        self,
+        concurrency: int,
+        duration_s: float,
+        plan: Callable[[int], tuple[bytes, int | None]] | None = None,
+        on_sample: Callable[[], None] | None = None,
+    ) -> tuple[Tally, float]:
+        """`concurrency` clients for `duration_s`. `plan(i)` gives request i and the status it
+        must get (None: the client disconnects 10 ms after sending it); `on_sample` runs every
+        half second."""
+        plan = plan or (lambda i: (self.request(i), 200))
+        tally = Tally()
+
+        async def step(i: int) -> None:
+            request, expected = plan(i)
+            disconnect = 0.01 if expected is None else None
+            tally.add(await self.send(request, disconnect_after_s=disconnect), expected)
+
+        wall = await drive(step, concurrency, duration_s=duration_s, on_sample=on_sample)
+        return tally, wall
+
+    async def burst(self, count: int) -> tuple[Tally, float]:
+        """`count` one-image requests, built first and then sent at once, each on its own
+        connection."""
+        requests = [self.request(i) for i in range(count)]
+        tally = Tally()
+
+        async def step(i: int) -> None:
+            tally.add(await self.send(requests[i]))
+
+        return tally, await drive(step, count, requests=count)

@@ -20,3 +20,15 @@ def summarize(samples_s: Sequence[float]) -> dict[str, float | int]:
     summary["min_ms"] = float(ms.min())
     summary["max_ms"] = float(ms.max())
     return summary
+
+
+def percentiles(samples_s: Sequence[float]) -> dict[str, float] | None:
+    """p50, p99 and max in seconds, rounded to 0.1 ms (the reliability suite's account)."""
+    if not samples_s:
+        return None
+    array = np.asarray(samples_s)
+    return {
+        "p50": round(float(np.percentile(array, 50)), 4),
+        "p99": round(float(np.percentile(array, 99)), 4),
+        "max": round(float(array.max()), 4),
+    }

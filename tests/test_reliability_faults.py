@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.launcher import Service
+from bench.load import Target
 
 from .reliability import judge
 from .reliability.faults import (
@@ -21,7 +22,6 @@ from .reliability.faults import (
 )
 from .reliability.graphs import write_conv, write_poison, write_tiny
 from .reliability.images import sample_images
-from .reliability.load import Target
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bench.launcher import Service
+from bench.load import Target
 from service.api import create_app
 from service.errors import QueueFullError
 from service.settings import Settings
 
 from .reliability import judge
+from .reliability.capacity import overload, soak
 from .reliability.graphs import write_conv, write_tiny
 from .reliability.images import sample_images, solid
-from .reliability.load import Target, overload, soak
 from .service_helpers import make_batcher, wait_ready
 
 QUEUE, BATCH = 32, 16

@@ -25,13 +25,14 @@ from typing import Any
 import httpx
 
 from bench.launcher import Service
+from bench.load import Target
 
 from . import faults as fault_scenarios
 from . import judge
+from .capacity import overload, soak
 from .fuzz import fuzz_images, fuzz_openapi, fuzz_protocol
 from .graphs import write_conv, write_poison, write_tiny
 from .images import ROOT, sample_images
-from .load import Target, overload, soak
 from .report import machine, markdown
 from .swap import swap_under_load, write_version_atomically
 

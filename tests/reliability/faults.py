@@ -23,11 +23,11 @@ from typing import Any
 import httpx
 
 from bench.launcher import Service, poll_until
+from bench.load import Tally, Target, drive
 from bench.wire import build, multipart, send
 
 from .graphs import tiny_graph, write_tiny
 from .images import solid
-from .load import Tally, Target, wait_idle
 
 
 def _drop_hash(directory: Path) -> None:
@@ -189,7 +189,7 @@ def disconnects(target: Target, clients: int = 8) -> dict[str, Any]:
         await asyncio.gather(*gone, *halves)
 
     asyncio.run(scenario())
-    idle_after_s = wait_idle(service, model)
+    idle_after_s = service.wait_idle(model)
     of_disconnected = service.metric(inferred, model=model) - before["images"]
     waiting = asyncio.run(target.send(target.request(0, images=2)))
     after = {
@@ -227,18 +227,17 @@ def sigterm_under_load(
     request sent must be answered; the process must exit 0."""
     service = target.service
     tally = Tally()
-    counter = iter(range(10**9))
 
     async def scenario() -> float:
         routed = asyncio.Event()
         routed.set()
 
-        async def client() -> None:
-            while routed.is_set():
-                outcome = await target.send(target.request(next(counter)))
-                tally.add(outcome)
-                if outcome.kind == "refused":
-                    break
+        async def step(i: int) -> bool:
+            if not routed.is_set():
+                return False
+            outcome = await target.send(target.request(i))
+            tally.add(outcome)
+            return outcome.kind != "refused"
 
         async def watch_readiness() -> None:
             probe = build("GET", "/readyz", host=service.host)
@@ -252,9 +251,9 @@ def sigterm_under_load(
             service.process.terminate()
             return time.monotonic()
 
-        clients = [asyncio.ensure_future(client()) for _ in range(concurrency)]
+        clients = asyncio.ensure_future(drive(step, concurrency))
         signalled, _ = await asyncio.gather(terminate(), watch_readiness())
-        await asyncio.gather(*clients)
+        await clients
         return time.monotonic() - signalled
 
     last_answer_after_s = asyncio.run(scenario())
