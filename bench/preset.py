@@ -1,21 +1,19 @@
-"""The paper preset: export ImageNet 18-152 and CIFAR 20-110 into a cache repository once.
+"""The paper preset for `bench engine`: exported by `python -m export --preset` (the one preset
+exporter), into a cache repository, once.
 
 Versions already present with the same weights are reused (the exporter's skip rule), so a
-second benchmark run starts measuring at once.
+second benchmark run starts measuring at once. Checkpoints come from `weights_dir`, random:SEED
+weights otherwise: a benchmark never downloads (`--pretrained never`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
-from export.exporter import ExportRequest, export_model
-from export.weights import find_checkpoint
-from models.registry import PAPER_SET, get_spec
-
-PRESETS = {"paper": PAPER_SET}
+from export.__main__ import PRESETS
+from export.__main__ import main as export_main
 
 
 def ensure_preset(
@@ -31,12 +29,10 @@ def ensure_preset(
     unknown = sorted(set(only or ()) - set(PRESETS[preset]))
     if unknown:
         raise ValueError(f"{unknown} are not in the {preset} preset: {list(PRESETS[preset])}")
-    progress = tqdm(archs, desc="export", unit="model", file=sys.stderr, disable=None)
-    for arch in progress:
-        progress.set_postfix_str(arch)
-        checkpoint = find_checkpoint(get_spec(arch), weights_dir)
-        weights = str(checkpoint) if checkpoint else f"random:{seed}"
-        export_model(
-            ExportRequest(arch=arch, weights=weights, out=repository, skip_if_same_weights=True)
-        )
+    argv = ["--preset", preset] if not only else ["--archs", ",".join(archs)]
+    argv += ["--out", str(repository), "--weights-dir", str(weights_dir)]
+    argv += ["--seed", str(seed), "--pretrained", "never"]
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries bench's tables
+        if export_main(argv) != 0:
+            raise RuntimeError(f"python -m export {' '.join(argv)} failed (its reason is above)")
     return archs

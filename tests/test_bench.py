@@ -20,6 +20,7 @@ from bench.engine import Budget, speedup_targets, time_interleaved
 from bench.http_mode import vs_engine
 from bench.load import build_payloads
 from bench.machine import busy_note
+from bench.preset import ensure_preset
 from bench.stats import summarize
 from export.exporter import ExportRequest, export_model
 
@@ -53,6 +54,23 @@ def engine_out(repository: Path, images: Path, tmp_path_factory: pytest.TempPath
     argv += ["--compare-torch", "--with-preprocessing", "--images", str(images), "--out", str(out)]
     assert main(argv) == 0
     return out
+
+
+def test_the_preset_is_exported_by_the_export_cli_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "cache"
+    assert ensure_preset("paper", repo, weights_dir=ROOT / "weights", only=[MODEL]) == [MODEL]
+    metadata = json.loads((repo / MODEL / "1" / "metadata.json").read_text())
+    assert Path(metadata["weights"]["source"]).name == "resnet20-12fca82f.th"
+    ensure_preset("paper", repo, weights_dir=ROOT / "weights", only=[MODEL])
+    versions = [p.name for p in (repo / MODEL).iterdir() if p.is_dir()]
+    assert versions == ["1"]  # reused, not re-exported
+    out, err = capsys.readouterr()
+    assert out == ""  # stdout carries bench's tables; export's lines go to stderr
+    assert f"{MODEL}: checkpoint" in err and "already present with the same weights" in err
+    with pytest.raises(ValueError, match="not in the paper preset"):
+        ensure_preset("paper", repo, weights_dir=ROOT / "weights", only=["resnet999"])
 
 
 def assert_png(path: Path) -> None:
