@@ -33,7 +33,7 @@ from .errors import (
     UnavailableError,
 )
 from .oip import EXTENSIONS, describe
-from .oip_codec import IMAGE_BYTES, parse_request
+from .oip_codec import IMAGE_BYTES, ParsedRequest, parse_request
 from .settings import Settings
 from .tracing import Tracing
 
@@ -171,8 +171,9 @@ def _parameter(value: Any) -> Any:
     return None if kind is None else getattr(value, kind)
 
 
-def _parse(request: Any, entry: Any, settings: Settings) -> Any:
-    """The request in the codec's terms: one input as raw bytes, outputs as asked."""
+def _parse(request: Any, entry: Any, settings: Settings) -> ParsedRequest:
+    """The request in the codec's terms (validated by the same `InferenceRequest` model and
+    checks as HTTP): one input as raw bytes, outputs as asked."""
     if len(request.inputs) != 1:
         raise MalformedRequestError(
             f"a request holds exactly one input ({entry.input_name!r} FP32 or "

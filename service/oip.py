@@ -34,7 +34,7 @@ from .errors import OIP_PREFIX, ModelNotFoundError
 from .oip_codec import (
     HEADER_LENGTH,
     IMAGE_BYTES,
-    InferenceRequest,
+    ParsedRequest,
     decompress,
     encode_outputs,
     parse_request,
@@ -219,7 +219,7 @@ async def _infer(request: Request, server: DataPlane, name: str, version: str | 
 
 def _parse(
     body: bytes, encoding: str, header_length: str | None, entry: ModelEntry, settings: Settings
-) -> InferenceRequest:
+) -> ParsedRequest:
     body = decompress(body, encoding, settings.max_request_bytes)
     payload, binary = split(body, header_length)
     return parse_request(payload, binary, entry, settings.max_images_per_request)

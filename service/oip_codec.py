@@ -2,7 +2,11 @@
 with the binary tensor data extension, optionally compressed) -> validated inputs for the data
 plane, and model outputs -> response bodies (with the classification extension).
 
-Tensor data is untrusted: sizes, shapes and element counts are checked against the model before
+The request's structure is pydantic's job (`InferenceRequest`, as KServe's v2 data model, strict:
+no coercion); a structure error becomes one clear 400 message naming the field
+(`_EXPLAINED`). What depends on the model (input and output names, datatype, shape, element
+count, top-k range) and on the binary data after the JSON is checked here after it. Tensor
+data is untrusted: sizes, shapes and element counts are checked against the model before
 anything is allocated from them, and nested JSON is flattened without recursion.
 """
 
@@ -16,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
+from pydantic_core import ErrorDetails
 
 from .errors import (
     MalformedRequestError,
@@ -32,6 +38,46 @@ _LENGTH = struct.Struct("<I")  # BYTES elements in binary data: uint32 little-en
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
+class _Message(BaseModel):
+    # Strict: no coercion ("1" is not 1, true is not 1); unknown keys are ignored, as Triton does.
+    model_config = ConfigDict(strict=True, frozen=True)
+
+
+class InputParameters(_Message):
+    binary_data_size: NonNegativeInt | None = None  # binary tensor data extension
+
+
+class RequestInput(_Message):
+    name: str
+    datatype: str
+    shape: list[NonNegativeInt] = Field(min_length=1)
+    parameters: InputParameters = InputParameters()
+    data: Any = None  # checked against the model's datatype and shape, without per-element models
+
+
+class OutputParameters(_Message):
+    classification: NonNegativeInt = 0  # classification extension: top K
+    binary_data: bool | None = None  # None: as the request's binary_data_output
+
+
+class RequestOutput(_Message):
+    name: str
+    parameters: OutputParameters = OutputParameters()
+
+
+class RequestParameters(_Message):
+    binary_data_output: bool = False
+
+
+class InferenceRequest(_Message):
+    """The JSON inference request, as KServe's v2 data model has it (one input: see oip.py)."""
+
+    id: str | None = None
+    parameters: RequestParameters = RequestParameters()
+    inputs: list[RequestInput] = Field(min_length=1, max_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class RequestedOutput:
     name: str
@@ -40,9 +86,9 @@ class RequestedOutput:
 
 
 @dataclass(frozen=True, slots=True)
-class InferenceRequest:
-    """A validated request: `images` (preprocessed float32 [N, 3, H, W]) or else `blobs`
-    (encoded images), and the outputs to answer with."""
+class ParsedRequest:
+    """A request validated against the model: `images` (preprocessed float32 [N, 3, H, W]) or
+    else `blobs` (encoded images), and the outputs to answer with."""
 
     id: str | None
     images: np.ndarray | None
@@ -91,29 +137,17 @@ def split(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
 
 def parse_request(
     payload: Any, binary: memoryview, entry: ModelEntry, max_images: int
-) -> InferenceRequest:
-    """Validate an inference request against the model; the tensor or images it carries."""
-    if not isinstance(payload, dict):
-        raise _bad("the inference request must be a JSON object")
-    request_id = payload.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise _bad('"id" must be a string')
-    parameters = _object(payload.get("parameters"), '"parameters"')
-    binary_output = parameters.get("binary_data_output", False)
-    if not isinstance(binary_output, bool):
-        raise _bad('"binary_data_output" must be a boolean')
-    inputs = payload.get("inputs")
-    accepted = (
-        f"{entry.input_name!r} (FP32 {[-1, *entry.input_shape]}) or {IMAGE_BYTES!r} (BYTES [-1])"
-    )
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise _bad(f'"inputs" must hold exactly one input object: {accepted}')
-    spec = inputs[0]
-    name, shape = spec.get("name"), spec.get("shape")
+) -> ParsedRequest:
+    """Validate an inference request (its structure by `InferenceRequest`, then against the
+    model); the tensor or images it carries."""
+    try:
+        request = InferenceRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise _bad(_explain(exc.errors()[0], payload, entry)) from None
+    spec = request.inputs[0]
+    name, shape = spec.name, spec.shape
     if name not in (entry.input_name, IMAGE_BYTES):
-        raise _bad(f"unknown input {name!r}; model {entry.name} takes {accepted}")
-    if not isinstance(shape, list) or not shape or not all(_is_int(d) and d >= 0 for d in shape):
-        raise _bad(f"input {name!r}: shape must be a list of non-negative integers")
+        raise _bad(f"unknown input {name!r}; model {entry.name} takes {_accepted(entry)}")
     if shape[0] < 1:
         raise _bad(f"input {name!r}: the batch is empty")
     if shape[0] > max_images:
@@ -121,43 +155,95 @@ def parse_request(
     raw = _raw_data(spec, binary)
     images, blobs = None, []
     if name == entry.input_name:
-        images = _fp32_tensor(spec, shape, raw, entry)
+        images = _fp32_tensor(spec, raw, entry)
     else:
-        blobs = _encoded_images(spec, shape, raw)
-    outputs = _requested_outputs(payload.get("outputs"), entry, binary_output)
-    return InferenceRequest(request_id, images, blobs, outputs)
+        blobs = _encoded_images(spec, raw)
+    outputs = _requested_outputs(request, entry)
+    return ParsedRequest(request.id, images, blobs, outputs)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _accepted(entry: ModelEntry) -> str:
+    return f"{entry.input_name!r} (FP32 {[-1, *entry.input_shape]}) or {IMAGE_BYTES!r} (BYTES [-1])"
 
 
-def _object(value: Any, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _bad(f"{what} must be a JSON object")
-    return value
+# What a structure error at each place means, in the words a client needs; "*" is a list index.
+_EXPLAINED = {
+    (): "the inference request must be a JSON object",
+    ("id",): '"id" must be a string',
+    ("parameters",): '"parameters" must be a JSON object',
+    ("parameters", "binary_data_output"): '"binary_data_output" must be a boolean',
+    ("inputs",): '"inputs" must hold exactly one input object: {accepted}',
+    ("inputs", "*"): '"inputs" must hold exactly one input object: {accepted}',
+    ("inputs", "*", "name"): "unknown input {value!r}; model {model} takes {accepted}",
+    ("inputs", "*", "datatype"): "input {input!r}: datatype must be a string, not {value!r}",
+    ("inputs", "*", "shape"): "input {input!r}: shape must be a list of non-negative integers",
+    ("inputs", "*", "shape", "*"): "input {input!r}: shape must be a list of non-negative integers",
+    ("inputs", "*", "parameters"): "input {input!r}: parameters must be a JSON object",
+    ("inputs", "*", "parameters", "binary_data_size"): (
+        "input {input!r}: binary_data_size must be a non-negative integer, not {value!r}"
+    ),
+    ("outputs",): '"outputs" must be a list of objects',
+    ("outputs", "*"): '"outputs" must be a list of objects',
+    ("outputs", "*", "name"): "unknown output {value!r}; model {model} has {outputs}",
+    ("outputs", "*", "parameters"): "output {output!r}: parameters must be a JSON object",
+    ("outputs", "*", "parameters", "classification"): (
+        "output {output!r}: classification must be an integer in 0..{classes}"
+    ),
+    ("outputs", "*", "parameters", "binary_data"): (
+        "output {output!r}: binary_data must be a boolean"
+    ),
+}
 
 
-def _raw_data(spec: dict[str, Any], binary: memoryview) -> memoryview | None:
+def _explain(error: ErrorDetails, payload: Any, entry: ModelEntry) -> str:
+    """One structure error of `InferenceRequest` as today's clear message."""
+    loc = tuple(error["loc"])
+    where = tuple("*" if isinstance(part, int) else part for part in loc)
+    template = _EXPLAINED.get(where)
+    if template is None:  # a place the table does not name: pydantic's own words
+        return f"{'.'.join(map(str, loc)) or 'request'}: {error['msg']}"
+    missing = error["type"] == "missing"
+    sizes = _output_sizes(entry)
+    item = _item(payload, loc[:2]) if len(loc) > 2 else {}
+    named = item.get("name") if isinstance(item, dict) else None
+    return template.format(
+        value=None if missing else error["input"],
+        input=named,
+        output=named,
+        classes=sizes.get(named, max(sizes.values())) if isinstance(named, str) else 0,
+        model=entry.name,
+        accepted=_accepted(entry),
+        outputs=list(sizes),
+    )
+
+
+def _item(payload: Any, loc: tuple[Any, ...]) -> Any:
+    """payload["inputs"][i] (or outputs): the object whose field an error is about."""
+    for key in loc:
+        payload = payload[key]
+    return payload
+
+
+def _output_sizes(entry: ModelEntry) -> dict[str, int]:
+    return {entry.logits_name: entry.num_classes, entry.embedding_name: entry.embedding_dim}
+
+
+def _raw_data(spec: RequestInput, binary: memoryview) -> memoryview | None:
     """The input's binary tensor data (then it is all of it), or None when it is in JSON."""
-    size = _object(spec.get("parameters"), "input parameters").get("binary_data_size")
+    size = spec.parameters.binary_data_size
     if size is None:
         if len(binary):
             raise _bad(f"{len(binary)} bytes of binary data, but no input has binary_data_size")
-        if "data" not in spec:
-            raise _bad(f"input {spec['name']!r} has neither data nor binary_data_size")
+        if "data" not in spec.model_fields_set:
+            raise _bad(f"input {spec.name!r} has neither data nor binary_data_size")
         return None
-    if not _is_int(size) or size != len(binary):
+    if size != len(binary):
         raise _bad(f"binary_data_size {size!r} is not the {len(binary)} bytes after the JSON")
     return binary
 
 
-def _fp32_tensor(
-    spec: dict[str, Any], shape: list[int], raw: memoryview | None, entry: ModelEntry
-) -> np.ndarray:
-    name, datatype = spec["name"], spec.get("datatype")
+def _fp32_tensor(spec: RequestInput, raw: memoryview | None, entry: ModelEntry) -> np.ndarray:
+    name, datatype, shape = spec.name, spec.datatype, spec.shape
     if datatype != "FP32":
         raise _bad(f"input {name!r} must be FP32, not {datatype!r}")
     if tuple(shape[1:]) != entry.input_shape:
@@ -170,7 +256,7 @@ def _fp32_tensor(
         array = np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False)
     else:
         try:
-            array = np.asarray(spec["data"], dtype=np.float32)
+            array = np.asarray(spec.data, dtype=np.float32)
         except (TypeError, ValueError) as exc:
             raise _bad(f"input {name!r}: data is not an array of numbers: {exc}") from None
         if array.size != count:
@@ -180,8 +266,8 @@ def _fp32_tensor(
     return array.reshape(shape)
 
 
-def _encoded_images(spec: dict[str, Any], shape: list[int], raw: memoryview | None) -> list[bytes]:
-    datatype = spec.get("datatype")
+def _encoded_images(spec: RequestInput, raw: memoryview | None) -> list[bytes]:
+    datatype, shape = spec.datatype, spec.shape
     if datatype != "BYTES":
         raise _bad(f"input {IMAGE_BYTES!r} must be BYTES, not {datatype!r}")
     if len(shape) > 2 or math.prod(shape) != shape[0]:
@@ -190,7 +276,7 @@ def _encoded_images(spec: dict[str, Any], shape: list[int], raw: memoryview | No
     if raw is not None:
         blobs = _deserialize_bytes(raw, count)
     else:
-        elements = _flatten(spec["data"])
+        elements = _flatten(spec.data)
         if not all(isinstance(e, str) for e in elements):
             raise _bad(f"input {IMAGE_BYTES!r}: JSON data must be strings; send images as binary")
         blobs = [e.encode("utf-8") for e in elements]
@@ -227,34 +313,27 @@ def _flatten(data: Any) -> list[Any]:
     return elements
 
 
-def _requested_outputs(
-    requested: Any, entry: ModelEntry, binary_output: bool
-) -> list[RequestedOutput]:
-    sizes = {entry.logits_name: entry.num_classes, entry.embedding_name: entry.embedding_dim}
-    if requested is None or requested == []:
+def _requested_outputs(request: InferenceRequest, entry: ModelEntry) -> list[RequestedOutput]:
+    sizes = _output_sizes(entry)
+    binary_output = request.parameters.binary_data_output
+    if not request.outputs:
         return [RequestedOutput(name, 0, binary_output) for name in sizes]
-    if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
-        raise _bad('"outputs" must be a list of objects')
     outputs: list[RequestedOutput] = []
-    for item in requested:
-        name = item.get("name")
+    for item in request.outputs:
+        name, parameters = item.name, item.parameters
         if name not in sizes:
             raise _bad(f"unknown output {name!r}; model {entry.name} has {list(sizes)}")
         if any(o.name == name for o in outputs):
             raise _bad(f"output {name!r} is requested twice")
-        parameters = _object(item.get("parameters"), f"output {name!r} parameters")
-        classes = parameters.get("classification", 0)
-        if not _is_int(classes) or not 0 <= classes <= sizes[name]:
+        if parameters.classification > sizes[name]:
             raise _bad(f"output {name!r}: classification must be an integer in 0..{sizes[name]}")
-        binary = parameters.get("binary_data", binary_output)
-        if not isinstance(binary, bool):
-            raise _bad(f"output {name!r}: binary_data must be a boolean")
-        outputs.append(RequestedOutput(name, classes, binary))
+        binary = binary_output if parameters.binary_data is None else parameters.binary_data
+        outputs.append(RequestedOutput(name, parameters.classification, binary))
     return outputs
 
 
 def encode_outputs(
-    entry: ModelEntry, parsed: InferenceRequest, results: dict[str, np.ndarray]
+    entry: ModelEntry, parsed: ParsedRequest, results: dict[str, np.ndarray]
 ) -> tuple[dict[str, Any], list[bytes]]:
     """(the response object, the binary data of its binary outputs, in order)."""
     outputs: list[dict[str, Any]] = []

@@ -240,6 +240,8 @@ ONE = [1, 3, 8, 8]
 NANS = np.full(192, np.nan, dtype=np.float32).tobytes()
 TOP5 = [{"name": "logits", "parameters": {"classification": 5}}]
 TWICE = [{"name": "logits"}, {"name": "logits"}]
+TOP_NEG = [{"name": "logits", "parameters": {"classification": -1}}]
+TOP_STR = [{"name": "logits", "parameters": {"classification": "3"}}]
 PROTOCOL_ERRORS = {
     "not-json": ((b"[1, 2", {}), 400, "not valid JSON"),
     "not-object": ((b"[]", {}), 400, "must be a JSON object"),
@@ -255,6 +257,30 @@ PROTOCOL_ERRORS = {
     "twice": (as_json(request(tensor(ONE), outputs=TWICE)), 400, "requested twice"),
     "top-k": (as_json(request(tensor(ONE), outputs=TOP5)), 400, "an integer in 0..4"),
     "json-bytes": (as_json(request(encoded([1], data=[1]))), 400, "JSON data must be strings"),
+    # Structure errors (pydantic's `InferenceRequest`, strict), each as a message naming the field.
+    "binary-output": (
+        as_json(request(tensor(ONE), parameters={"binary_data_output": 1})),
+        400,
+        '"binary_data_output" must be a boolean',
+    ),
+    "outputs-object": (
+        as_json(request(tensor(ONE), outputs={"name": "logits"})),
+        400,
+        '"outputs" must be a list of objects',
+    ),
+    "top-k-negative": (as_json(request(tensor(ONE), outputs=TOP_NEG)), 400, "an integer in 0..4"),
+    "top-k-string": (as_json(request(tensor(ONE), outputs=TOP_STR)), 400, "an integer in 0..4"),
+    "shape-bool": (
+        as_json(request(tensor(ONE) | {"shape": [True, 3, 8, 8]})),  # JSON true is not 1
+        400,
+        "non-negative integers",
+    ),
+    "input-parameters": (
+        as_json(request(tensor(ONE, parameters=[]))),
+        400,
+        "input 'images': parameters must be a JSON object",
+    ),
+    "no-name": (as_json(request({"datatype": "FP32", "shape": ONE})), 400, "unknown input None"),
     "bytes-shape": (as_json(request(encoded([2, 2], data=[]))), 400, "takes [-1] (or [-1, 1])"),
     "binary-size": (
         as_binary(request(tensor(ONE, parameters={"binary_data_size": 4})), bytes(4)),
