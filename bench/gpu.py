@@ -196,8 +196,8 @@ def prove_cuda(repo: Path, model: str) -> dict[str, Any]:
     import numpy as np
 
     from service.engine import EngineConfig
+    from service.lifecycle import open_entry
     from service.repository import scan_repository
-    from service.serving import open_entry
 
     entry = scan_repository(repo)[model]
     gpu = open_entry(

@@ -23,9 +23,9 @@ import uvicorn
 from pydantic import ValidationError
 
 from .api import create_app
+from .dataplane import DataPlane
 from .engine import EngineError
 from .repository import RepositoryError
-from .serving import DataPlane
 from .settings import ENV_PREFIX, Settings, is_env_only
 
 log = logging.getLogger("service")

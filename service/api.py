@@ -1,4 +1,4 @@
-"""The HTTP adapter: thin routes over the data plane in `serving` (`DataPlane`), and
+"""The HTTP adapter: thin routes over the data plane in `dataplane` (`DataPlane`), and
 `create_app(settings)`.
 
 No app exists until `create_app` is called; everything an app needs hangs off `app.state.server`.
@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from .auth import AccessPolicy, BearerAuth
 from .bodies import FILE_PART, read_images
+from .dataplane import DataPlane
 from .dependencies import Server
 from .disconnect import client_gone
 from .errors import install_error_handlers
@@ -38,7 +39,6 @@ from .schemas import (
     ModelsResponse,
     ReadyResponse,
 )
-from .serving import DataPlane
 from .settings import Settings
 from .tracing import Tracing, TracingMiddleware
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from .serving import DataPlane
+from .dataplane import DataPlane
 
 
 async def _server(request: Request) -> DataPlane:

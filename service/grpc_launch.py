@@ -12,7 +12,7 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .auth import AccessPolicy
-    from .serving import DataPlane
+    from .dataplane import DataPlane
     from .tracing import Tracing
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,8 @@ from .settings import Settings
 from .tracing import Tracing
 
 if TYPE_CHECKING:
-    from .serving import DataPlane, ServedModel
+    from .dataplane import DataPlane
+from .lifecycle import ServedModel
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from .dataplane import DataPlane
 from .errors import OIP_PREFIX, ModelNotFoundError, ServiceError
+from .lifecycle import ServedModel
 from .repository import ModelEntry, RepositoryError, load_entry, version_numbers
 from .schemas import JSONResponse
-from .serving import DataPlane, ServedModel
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class ModelControl:
         return rows
 
     async def _poll(self) -> None:
-        # The versions found at start load first (DataPlane.start); then watch for new ones.
+        # The versions found at start load first (ModelHost.start); then watch for new ones.
         while not self.server.ready and self.server.fatal is None:
             await asyncio.sleep(0.05)
         while True:
@@ -141,7 +142,7 @@ class ModelControl:
     async def _warm(self, entry: ModelEntry) -> ServedModel:
         candidate = ServedModel(entry, self.settings)
         try:
-            await self.server._load(candidate)  # session, warm-up of every batch size, batcher
+            await self.server.load_model(candidate)  # session, warm-up of every batch size, batcher
         except BaseException:
             if candidate.batcher is not None:
                 await candidate.batcher.stop()

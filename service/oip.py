@@ -1,6 +1,6 @@
 """The Open Inference Protocol (KServe v2, as Triton speaks it over HTTP), beside our own API.
 
-Another thin adapter over the data plane in `serving`: FP32 tensors (already preprocessed) join
+Another thin adapter over the data plane in `dataplane`: FP32 tensors (already preprocessed) join
 the same per-model batcher as the images of /classify and /embed, and BYTES inputs holding
 encoded images are decoded by the same preprocessing, so limits, timeouts, batching and metrics
 cover every protocol alike. Errors are `{"error": message}` (see errors.py).
@@ -28,9 +28,11 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from .bodies import read_body
+from .dataplane import DataPlane
 from .dependencies import Server
 from .disconnect import client_gone
 from .errors import OIP_PREFIX, ModelNotFoundError
+from .lifecycle import ServedModel
 from .oip_codec import (
     HEADER_LENGTH,
     IMAGE_BYTES,
@@ -42,7 +44,6 @@ from .oip_codec import (
 )
 from .repository import ModelEntry
 from .schemas import JSONResponse
-from .serving import DataPlane, ServedModel
 from .settings import Settings
 
 EXTENSIONS = ("binary_tensor_data", "classification")

@@ -39,8 +39,8 @@ from service.engine import (
     tensorrt_cache_dir,
     warm,
 )
+from service.lifecycle import ServedModel, check_fp16_device
 from service.repository import scan_repository
-from service.serving import ServedModel, check_fp16_device
 from service.settings import Settings
 
 from .conftest import CIFAR_CHECKPOINT_FILES, CIFAR_CHECKPOINTS, PHOTOS, ROOT, require

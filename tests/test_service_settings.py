@@ -122,7 +122,7 @@ def test_cli_refuses_an_empty_repository(tmp_path: Path) -> None:
 
 def test_importing_the_service_does_not_import_torch() -> None:
     code = (
-        "import sys, service.__main__, service.api, service.serving;"
+        "import sys, service.__main__, service.api, service.dataplane, service.lifecycle;"
         "from service.settings import Settings;"
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )

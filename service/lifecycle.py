@@ -1,0 +1,308 @@
+"""The served models' lifecycle, free of HTTP: which models are served (`ServedModel`), opening
+their engines, warming them up, the batcher each gets, readiness, draining and stopping
+(`ModelHost`). The request path over them is `dataplane`.
+
+Construction reads the repository and checks the providers synchronously, so a bad repository
+or a CUDA requirement that cannot be met stops start-up before the port opens. Building
+sessions and warming them runs afterwards in the background, while `/readyz` answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from .batcher import Batcher
+from .engine import (
+    CUDA,
+    GPU_PROVIDERS,
+    Engine,
+    EngineConfig,
+    EngineError,
+    available_cores,
+    create_engine,
+    resolve_providers,
+    warm,
+)
+from .errors import InvalidParameterError, ModelNotFoundError
+from .metrics import Metrics
+from .repository import ModelEntry, scan_repository
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+ModelState = Literal["loading", "ready", "failed", "unloaded"]
+
+
+def open_entry(entry: ModelEntry, config: EngineConfig) -> Engine:
+    """The engine a repository entry's metadata asks for (the benchmark uses it too)."""
+    return create_engine(
+        entry.model_file,
+        config,
+        engine=entry.engine,
+        precision=entry.precision,
+        input_name=entry.input_name,
+        output_names=[entry.logits_name, entry.embedding_name],
+        input_shape=entry.input_shape,
+    )
+
+
+class ServedModel:
+    """A repository entry plus what serving it needs at run time."""
+
+    def __init__(self, entry: ModelEntry, settings: Settings) -> None:
+        self.entry = entry
+        verified = entry.verified_max_batch_size
+        self.max_batch_size = min(settings.max_batch_size, verified or settings.max_batch_size)
+        if self.max_batch_size < settings.max_batch_size:
+            log.warning(
+                "model %s: max_batch_size %d clamped to %d, the largest batch its export verified",
+                entry.name,
+                settings.max_batch_size,
+                self.max_batch_size,
+            )
+        self.state: ModelState = "loading"
+        self.engine: Engine | None = None
+        self.batcher: Batcher | None = None
+        self.warmed: list[int] = []
+        self.users = 0  # requests that resolved to this version and have not answered yet
+        self._idle: asyncio.Event | None = None
+
+    async def idle(self) -> None:
+        """Until no request holds this version (live model updates release it then)."""
+        while self.users:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    def _leave(self) -> None:
+        self.users -= 1
+        if not self.users and self._idle is not None:
+            self._idle.set()
+
+    def warmup_sizes(self, provider: str, mode: str = "auto") -> list[int]:
+        """Every size the batcher can form on a GPU (a new shape can cost seconds there: cuDNN's
+        algorithm search, a CUDA graph capture); on CPU onnxruntime has no per-shape setup worth
+        paying for, so the extremes are enough. `mode` (warmup_batch_sizes) overrides."""
+        if mode == "all" or (mode == "auto" and provider in GPU_PROVIDERS):
+            return list(range(1, self.max_batch_size + 1))
+        return sorted({1, self.max_batch_size})
+
+    def describe(self, settings: Settings) -> dict[str, Any]:
+        """The `/models` view: metadata plus what is true at run time."""
+        entry, engine = self.entry, self.engine
+        return {
+            "name": entry.name,
+            "version": entry.version,
+            "arch": entry.metadata.arch,
+            "family": entry.metadata.family,
+            "precision": entry.precision,
+            "engine": entry.engine,
+            "trained": entry.trained,
+            "state": self.state,
+            "num_classes": entry.num_classes,
+            "embedding_dim": entry.embedding_dim,
+            "input": {
+                "name": entry.input_name,
+                "shape": [None, *entry.input_shape],
+                "dtype": entry.metadata.input.dtype,
+            },
+            "provider": engine.provider if engine else None,
+            "providers": engine.providers if engine else [],
+            "io_binding": engine.io_binding if engine else False,
+            "max_batch_size": self.max_batch_size,
+            "verified_max_batch_size": entry.verified_max_batch_size,
+            "max_delay_ms": settings.max_delay_ms,
+            "max_queue_images": settings.max_queue_images,
+            "warmed_batch_sizes": self.warmed,
+            "gpu": gpu_facts(settings, engine),
+            "metadata": entry.metadata.model_dump(mode="json"),
+        }
+
+
+def gpu_facts(settings: Settings, engine: Engine | None) -> dict[str, Any]:
+    """The settings that only matter on a GPU, and what the engine made of them."""
+    return {
+        "io_binding_setting": settings.io_binding,
+        "warmup_batch_sizes_setting": settings.warmup_batch_sizes,
+        "cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
+        "cuda_tf32": settings.cuda_tf32,
+        "cuda_graph": settings.cuda_graph,
+        "cuda_graph_in_use": bool(getattr(engine, "cuda_graph", False)),
+        "tensorrt": settings.tensorrt,
+        "jpeg_decoder": settings.jpeg_decoder,
+        "allow_fp16_on_cpu": settings.allow_fp16_on_cpu,
+        "bound_batch_sizes": list(getattr(engine, "bound_batch_sizes", [])),
+    }
+
+
+def check_fp16_device(entry: ModelEntry, provider: str, settings: Settings) -> None:
+    """An fp16 export is made and gated for CUDA; on the CPU provider onnxruntime computes
+    many fp16 operators in float32 behind inserted casts, so it differs from what was gated
+    and is refused unless `allow_fp16_on_cpu`."""
+    if entry.precision != "fp16" or provider in GPU_PROVIDERS or settings.allow_fp16_on_cpu:
+        return
+    gate = entry.metadata.precision_gate
+    device = (gate.model_extra or {}).get("device", "?") if gate is not None else "?"
+    raise EngineError(
+        f"model {entry.name} v{entry.version} is fp16 (gated on {device}) and "
+        f"would run on {provider}: serve it on a GPU, or pass --allow-fp16-on-cpu "
+        "(RESNET_SERVE_ALLOW_FP16_ON_CPU=true) to accept CPU fp16 arithmetic"
+    )
+
+
+class ModelHost:
+    """Every served model, the decode pool's threads, and the service's readiness: what is
+    loaded, warmed, drained and stopped. `dataplane.DataPlane` adds the request path."""
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics, *, on_fatal: Callable[[], None] | None = None
+    ) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.engine_config = EngineConfig.from_settings(settings)
+        self.providers = resolve_providers(self.engine_config)
+        entries = scan_repository(settings.model_repository)
+        if settings.default_model is not None and settings.default_model not in entries:
+            raise ValueError(
+                f"default_model {settings.default_model!r} is not in the repository "
+                f"(models: {sorted(entries)})"
+            )
+        for entry in entries.values():
+            check_fp16_device(entry, self.providers[0], settings)
+        self.models = {name: ServedModel(entry, settings) for name, entry in entries.items()}
+        self.draining = False
+        self.fatal: str | None = None
+        self._on_fatal = on_fatal
+        self._load_task: asyncio.Task[None] | None = None
+        self._decode_pool: ThreadPoolExecutor | None = None
+        self._stopping = threading.Event()  # read by the warm-up thread
+        log.info(
+            "serving %s from %s with providers %s",
+            ", ".join(f"{m.entry.name} v{m.entry.version}" for m in self.models.values()),
+            settings.model_repository,
+            self.providers,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return (
+            not self.draining
+            and self.fatal is None
+            and all(m.state == "ready" for m in self.models.values())
+        )
+
+    @property
+    def status(self) -> Literal["ready", "loading", "draining", "failed"]:
+        if self.fatal is not None:
+            return "failed"
+        if self.draining:
+            return "draining"
+        return "ready" if self.ready else "loading"
+
+    def start(self) -> None:
+        workers = self.settings.decode_workers or available_cores()
+        self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+        self._load_task = asyncio.create_task(self._load_all(), name="load-models")
+
+    def begin_draining(self) -> None:
+        """Stop reporting ready at once (SIGTERM); accepted and new requests are still served
+        until the HTTP server stops taking them."""
+        if not self.draining:
+            log.info("draining: /readyz now answers 503")
+        self.draining = True
+        self.metrics.ready.set(0)
+
+    async def stop(self) -> None:
+        """Drain, stop loading (a warm-up in progress ends after its current run), finish the
+        queued images, release the threads; never blocks the event loop."""
+        self.begin_draining()
+        self._stopping.set()
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+            await asyncio.gather(self._load_task, return_exceptions=True)
+        for model in self.models.values():
+            if model.batcher is not None:
+                await model.batcher.stop()
+        if self._decode_pool is not None:
+            await asyncio.to_thread(self._decode_pool.shutdown, wait=True, cancel_futures=True)
+
+    async def _load_all(self) -> None:
+        for model in self.models.values():
+            try:
+                await self.load_model(model)
+            except Exception as exc:
+                model.state = "failed"
+                self.fatal = f"model {model.entry.name} failed to load: {exc}"
+                # EngineError already names the file and what is wrong with it: no traceback.
+                expected = isinstance(exc, EngineError)
+                log.critical("%s", self.fatal, exc_info=None if expected else exc)
+                if self._on_fatal is not None:
+                    self._on_fatal()
+                return
+        self.metrics.ready.set(0 if self.draining else 1)
+        log.info("ready: every model is loaded and warmed")
+
+    async def load_model(self, model: ServedModel) -> None:
+        """Open its engine, warm it up and start its batcher (start-up, and live updates for a
+        candidate version before it is switched in)."""
+        entry, started = model.entry, time.monotonic()
+        engine = await asyncio.to_thread(open_entry, entry, self.engine_config)
+        model.engine = engine
+        check_fp16_device(entry, engine.provider, self.settings)
+        if CUDA in self.providers and engine.provider not in GPU_PROVIDERS:
+            log.warning(
+                "model %s runs on %s although CUDA is available", entry.name, engine.provider
+            )
+        log.info(
+            "model %s v%d: session on %s (providers %s, io binding %s)",
+            entry.name,
+            entry.version,
+            engine.provider,
+            engine.providers,
+            engine.io_binding,
+        )
+        sizes = model.warmup_sizes(engine.provider, self.settings.warmup_batch_sizes)
+        model.warmed = await asyncio.to_thread(
+            warm, engine, sizes, entry.input_shape, stop=self._stopping
+        )
+        model.batcher = Batcher(
+            entry.name,
+            engine.run,
+            max_batch_size=model.max_batch_size,
+            max_delay_ms=self.settings.max_delay_ms,
+            max_queue_images=self.settings.max_queue_images,
+            retry_after_s=self.settings.retry_after_s,
+            metrics=self.metrics,
+        )
+        model.batcher.start()
+        model.state = "ready"
+        log.info(
+            "model %s v%d: warmed batch sizes %s, ready after %.1f s",
+            entry.name,
+            entry.version,
+            model.warmed,
+            time.monotonic() - started,
+        )
+
+    def describe(self, model: ServedModel) -> dict[str, Any]:
+        return model.describe(self.settings)
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """The model a request names (only ever looked up in the dict), or the default one."""
+        if name is None:
+            name = self.settings.default_model
+            if name is None:
+                if len(self.models) != 1:
+                    raise InvalidParameterError(
+                        f"several models are served; name one with ?model= "
+                        f"(choices: {sorted(self.models)})"
+                    )
+                name = next(iter(self.models))
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFoundError(f"no model named {name!r} (served: {sorted(self.models)})")
+        return model
