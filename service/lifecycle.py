@@ -93,34 +93,24 @@ class ServedModel:
         return sorted({1, self.max_batch_size})
 
     def describe(self, settings: Settings) -> dict[str, Any]:
-        """The `/models` view: metadata plus what is true at run time."""
-        entry, engine = self.entry, self.engine
+        """The `/models` view, one of each: the entry's name and version, what is true at run
+        time, and the metadata as validated (arch, precision, engine, input, labels, weights
+        and whether they are trained, the batch its export verified, ...) once, under
+        "metadata"."""
+        engine = self.engine
         return {
-            "name": entry.name,
-            "version": entry.version,
-            "arch": entry.metadata.arch,
-            "family": entry.metadata.family,
-            "precision": entry.precision,
-            "engine": entry.engine,
-            "trained": entry.trained,
+            "name": self.entry.name,
+            "version": self.entry.version,
             "state": self.state,
-            "num_classes": entry.num_classes,
-            "embedding_dim": entry.embedding_dim,
-            "input": {
-                "name": entry.input_name,
-                "shape": [None, *entry.input_shape],
-                "dtype": entry.metadata.input.dtype,
-            },
             "provider": engine.provider if engine else None,
             "providers": engine.providers if engine else [],
             "io_binding": engine.io_binding if engine else False,
             "max_batch_size": self.max_batch_size,
-            "verified_max_batch_size": entry.verified_max_batch_size,
             "max_delay_ms": settings.max_delay_ms,
             "max_queue_images": settings.max_queue_images,
             "warmed_batch_sizes": self.warmed,
             "gpu": gpu_facts(settings, engine),
-            "metadata": entry.metadata.model_dump(mode="json"),
+            "metadata": self.entry.metadata.model_dump(mode="json"),
         }
 
 

@@ -13,6 +13,8 @@ import orjson
 from pydantic import BaseModel, Field
 from starlette import responses
 
+from .repository import ModelMetadata as RepositoryMetadata
+
 
 class JSONResponse(responses.JSONResponse):
     """JSON rendered by orjson, numpy arrays included."""
@@ -61,32 +63,20 @@ class EmbedResponse(BaseModel):
     )
 
 
-class TensorInfo(BaseModel):
-    name: str
-    shape: list[int | None]
-    dtype: str
-
-
 class ModelInfo(BaseModel):
+    """A served model: its name and version, what is true at run time, and its metadata."""
+
     name: str
     version: int
-    arch: str
-    family: str
-    precision: str = Field(description="fp32, bf16, int8 or fp16: what the export's gate accepted")
-    engine: str = Field(description="onnxruntime or openvino")
-    trained: bool = TRAINED
     state: Literal["loading", "ready", "failed"]
-    num_classes: int
-    embedding_dim: int
-    input: TensorInfo
     provider: str | None = Field(
         description="execution provider the session really runs on (null while loading)"
     )
     providers: list[str] = Field(description="the session's provider list, in priority order")
     io_binding: bool = Field(description="inputs and outputs bound to the device (CUDA)")
-    max_batch_size: int = Field(description="largest batch this service forms for the model")
-    verified_max_batch_size: int | None = Field(
-        description="largest batch the export's parity gate verified"
+    max_batch_size: int = Field(
+        description="largest batch this service forms for the model (metadata.max_batch_size, "
+        "the largest its export verified, or less)"
     )
     max_delay_ms: float
     max_queue_images: int
@@ -96,7 +86,11 @@ class ModelInfo(BaseModel):
         "graphs, TensorRT, JPEG decoder, fp16 on CPU) and what the engine made of them "
         "(cuda_graph_in_use, bound_batch_sizes)"
     )
-    metadata: dict[str, Any] = Field(description="the model's metadata.json, as validated")
+    metadata: RepositoryMetadata = Field(
+        description="the model's metadata.json as validated: arch, precision (what the export's "
+        "gate accepted), engine, input, outputs, labels, preprocessing, weights (trained or not), "
+        "the largest batch parity verified, ..."
+    )
 
 
 class ModelsResponse(BaseModel):

@@ -253,7 +253,7 @@ def test_fp16_models_are_refused_on_cpu_unless_allowed(tmp_path: Path) -> None:
 
     with _client(repo, allow_fp16_on_cpu=True) as client:
         model = client.get("/models/tiny_fp16").json()
-        assert model["precision"] == "fp16" and model["provider"] == CPU
+        assert model["metadata"]["precision"] == "fp16" and model["provider"] == CPU
         assert model["gpu"]["allow_fp16_on_cpu"] is True
         response = client.post("/classify", files=multipart(sample_images(2, size=24)))
         assert response.status_code == 200, response.text

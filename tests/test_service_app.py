@@ -23,6 +23,7 @@ from bench.launcher import metric_value, poll_until
 from models.preprocessing import Preprocessing
 from service.api import create_app
 from service.engine import OrtEngine
+from service.schemas import ModelInfo
 from service.settings import Settings
 
 from .reliability.hostile import png_bomb
@@ -146,10 +147,18 @@ def test_models_report_runtime_facts(client: TestClient) -> None:
     assert tiny["provider"] == "CPUExecutionProvider"
     assert tiny["state"] == "ready"
     assert tiny["max_batch_size"] == 16  # clamped to what the export verified
-    assert tiny["verified_max_batch_size"] == 16
+    assert tiny["metadata"]["max_batch_size"] == 16
     assert tiny["warmed_batch_sizes"] == [1, 16]
-    assert tiny["metadata"]["labels"][0] == "class0"
-    assert tiny["input"] == {"name": "images", "shape": [None, 3, 8, 8], "dtype": "float32"}
+    metadata = tiny["metadata"]
+    assert metadata["labels"][0] == "class0"
+    assert metadata["input"] == {"name": "images", "shape": [None, 3, 8, 8], "dtype": "float32"}
+    # One view: the metadata once, under "metadata"; beside it only name, version and what is
+    # true at run time.
+    runtime = {"state", "provider", "providers", "io_binding", "max_batch_size", "max_delay_ms"}
+    runtime |= {"max_queue_images", "warmed_batch_sizes", "gpu"}
+    assert set(tiny) == {"name", "version", "metadata"} | runtime
+    assert (tiny["name"], tiny["version"]) == (metadata["name"], metadata["version"])
+    assert ModelInfo.model_validate(tiny).metadata.weights.trained is False
 
 
 def _too_many() -> dict[str, Any]:

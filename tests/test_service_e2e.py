@@ -247,10 +247,10 @@ def test_models_show_the_provider_in_use(server: Service) -> None:
     for model in models.values():
         assert model["provider"] == "CPUExecutionProvider"
         assert model["state"] == "ready"
-        assert model["precision"] == "fp32"
+        assert model["metadata"]["precision"] == "fp32"
     assert models["resnet18"]["max_batch_size"] == 8  # what its export verified
     assert models["cifar10"]["max_batch_size"] == 32
-    assert models["cifar10"]["embedding_dim"] == 64
+    assert models["cifar10"]["metadata"]["embedding_dim"] == 64
     assert "session on CPUExecutionProvider" in server.log()
 
 
