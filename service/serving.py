@@ -41,6 +41,7 @@ from .errors import (
     ServiceError,
 )
 from .gpu_decode import image_preprocessor
+from .host import choice_mismatch
 from .metrics import Metrics
 from .postprocess import predictions, unit_norm
 from .repository import ModelEntry, scan_repository
@@ -170,6 +171,22 @@ def check_fp16_device(entry: ModelEntry, provider: str, settings: Settings) -> N
     )
 
 
+def warn_if_chosen_elsewhere(entry: ModelEntry) -> None:
+    """One warning when `--precision auto` chose this version on a CPU with other flags."""
+    choice = entry.metadata.precision_choice
+    if choice is None:
+        return
+    why = choice_mismatch(choice.host.model_dump())
+    if why is not None:
+        log.warning(
+            "model %s v%d serves %s (precision auto) %s",
+            entry.name,
+            entry.version,
+            choice.chosen,
+            why,
+        )
+
+
 class DataPlane:
     """Every served model, the decode pool, and the service's readiness."""
 
@@ -266,6 +283,7 @@ class DataPlane:
         engine = await asyncio.to_thread(open_entry, entry, self.engine_config)
         model.engine = engine
         check_fp16_device(entry, engine.provider, self.settings)
+        warn_if_chosen_elsewhere(entry)
         if CUDA in self.providers and engine.provider not in GPU_PROVIDERS:
             log.warning(
                 "model %s runs on %s although CUDA is available", entry.name, engine.provider
