@@ -50,8 +50,8 @@ FROM base AS requirements
 COPY pyproject.toml ./
 COPY docker/requirements.py docker/
 RUN python docker/requirements.py gpu grpc tracing > serve-gpu.txt \
-    && python docker/requirements.py cpu grpc tracing > serve-cpu.txt \
-    && python docker/requirements.py cpu export > export.txt
+    && python docker/requirements.py cpu openvino grpc tracing > serve-cpu.txt \
+    && python docker/requirements.py cpu openvino export > export.txt
 
 FROM base AS serve
 # gpu: onnxruntime-gpu[cuda,cudnn] (CUDA 13 runtime, cuBLAS, cuDNN as pip wheels);

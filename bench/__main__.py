@@ -1,4 +1,4 @@
-"""`python -m bench engine|http|gpu`: the only place where exceptions become exit codes.
+"""`python -m bench engine|http|precision|gpu`: the only place where exceptions become exit codes.
 
 0 when the results were written; 1 with a one-line reason otherwise; 2 for usage errors.
 """
@@ -198,6 +198,41 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the one in --out)",
     )
 
+    precision = sub.add_parser(
+        "precision",
+        help="--precision auto per depth: fp32 beside the chosen precision",
+        description="Export each architecture with --precision auto (reusing versions already "
+        "there) and tabulate, per depth, fp32 beside the chosen precision and every candidate's "
+        "images/s and gate, as the exporter measured them through the service's engines.",
+    )
+    precision.add_argument(
+        "--archs",
+        type=name_list,
+        help="comma-separated architectures (default: the paper preset, ImageNet 18-152 and "
+        "CIFAR 20-110)",
+    )
+    precision.add_argument(
+        "--repository",
+        type=Path,
+        default=DEFAULT_OUT / "auto-repo",
+        help="where the auto exports go (default: %(default)s)",
+    )
+    precision.add_argument("--weights-dir", type=Path, default=Path("weights"))
+    precision.add_argument(
+        "--images",
+        type=Path,
+        default=Path("../shared/data/photos"),
+        help="real photos: gate and calibration of the ImageNet models (default: %(default)s)",
+    )
+    precision.add_argument(
+        "--cifar-labeled",
+        type=Path,
+        default=Path("../shared/data/cifar10-test/cifar10_test_2000.npz"),
+        help="labeled CIFAR-10 .npz: gate and calibration of the CIFAR models "
+        "(default: %(default)s)",
+    )
+    precision.add_argument("--out", type=Path, default=DEFAULT_OUT / "precision")
+
     gpu = sub.add_parser(
         "gpu",
         help="everything a GPU host must prove, in one run (make gpu-check)",
@@ -368,6 +403,29 @@ def run_gpu_mode(args: argparse.Namespace, command: str, load_at_start: float | 
     return 0
 
 
+def run_precision_mode(args: argparse.Namespace, command: str, load_at_start: float | None) -> int:
+    from models.registry import PAPER_SET
+
+    from . import precision
+    from .machine import busy_note, machine_facts
+
+    rows = precision.sweep(
+        args.archs or list(PAPER_SET),
+        args.repository,
+        weights_dir=args.weights_dir,
+        photos=args.images,
+        cifar_labeled=args.cifar_labeled,
+    )
+    machine = {**machine_facts(), "load_average_1m_at_start": load_at_start}
+    path = precision.write(rows, args.out, machine, command)
+    note = busy_note(machine)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
+    print(precision.table(rows))
+    print(f"\nprecision: wrote {path}, {args.out / precision.RESULTS_MD}")
+    return 0
+
+
 def finish(args: argparse.Namespace, section: dict[str, Any], load_at_start: float | None) -> None:
     """Write results.json/.md and the plot, print the table and where everything went."""
     from . import plots, report
@@ -407,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.mode == "gpu":
             return run_gpu_mode(args, command, load_at_start)
+        if args.mode == "precision":
+            return run_precision_mode(args, command, load_at_start)
         section = runners[args.mode](args, command)
         finish(args, section, load_at_start)
     except KeyboardInterrupt:

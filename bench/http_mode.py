@@ -121,7 +121,8 @@ def vs_engine(
     http: dict[str, Any], engine: dict[str, Any] | None, model: str
 ) -> dict[str, Any] | None:
     """HTTP images/s at the highest concurrency against the best in-process rate with
-    preprocessing for the same model graph (target: 95%), when both are known."""
+    preprocessing for the same model graph (target: 95%), and against the best engine-only rate
+    (inference alone, no decoding), when both are known."""
     if not engine or not http.get("closed"):
         return None
     graph = http.get("model_info", {}).get("model_sha256")
@@ -137,6 +138,8 @@ def vs_engine(
     best = max(rows, key=lambda r: r["with_preprocessing"]["images_per_s"])
     level = max(http["closed"], key=lambda lv: lv["concurrency"])
     engine_rate = best["with_preprocessing"]["images_per_s"]
+    only = max(rows, key=lambda r: r.get("onnxruntime", {}).get("images_per_s") or 0.0)
+    only_rate = only.get("onnxruntime", {}).get("images_per_s")
     return {
         "concurrency": level["concurrency"],
         "http_images_per_s": level["images_per_s"],
@@ -144,6 +147,9 @@ def vs_engine(
         "engine_batch_size": best["batch_size"],
         "ratio": level["images_per_s"] / engine_rate,
         "target": 0.95,
+        "engine_only_images_per_s": only_rate,
+        "engine_only_batch_size": only["batch_size"],
+        "ratio_engine_only": level["images_per_s"] / only_rate if only_rate else None,
     }
 
 

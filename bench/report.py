@@ -207,6 +207,13 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"{vs['engine_batch_size']}; target {vs.get('target', 0.95):.0%}).",
                 "",
             ]
+            if vs.get("ratio_engine_only"):
+                parts += [
+                    f"Against inference alone ({vs['engine_only_images_per_s']:.1f} images/s at "
+                    f"batch {vs['engine_only_batch_size']}, no decoding): "
+                    f"{100 * vs['ratio_engine_only']:.0f}%.",
+                    "",
+                ]
     return "\n".join(parts)
 
 

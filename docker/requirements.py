@@ -4,7 +4,7 @@ pyproject.toml stays the one list of dependencies; the Dockerfile installs them 
 (with docker/constraints.txt pinning every version) in a layer built before any code is copied.
 
     python docker/requirements.py gpu            # serving image
-    python docker/requirements.py cpu export     # export image
+    python docker/requirements.py cpu openvino export  # export image
 """
 
 from __future__ import annotations

@@ -12,15 +12,15 @@ import logging
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from models.preprocessing import Preprocessing
 from models.registry import PAPER_SET, get_spec
 
-from .exporter import DEFAULT_MAX_BATCH_SIZE, ExportRequest, export_model
+from .exporter import DEFAULT_MAX_BATCH_SIZE, PRECISION_CHOICES, ExportRequest, export_model
 from .parity import Tolerances
-from .precision import PRECISIONS
 from .weights import Pretrained, resolve_weights
 
 PRESETS = {
@@ -87,12 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=PRECISION_CHOICES,
         default="fp32",
         help="served precision: bf16 (OpenVINO, AMX), int8 (onnxruntime, static quantization "
         "calibrated on --calibration-images) or fp16 (onnxruntime, for CUDA; float32 input and "
         "outputs kept) are accepted only if they pass the gate, which records the device it "
-        "ran on (default name ARCH_PRECISION)",
+        "ran on; auto tries every precision and engine this host can run (fp32, bf16, int8 by "
+        "onnxruntime and by OpenVINO/NNCF, fp16 on CUDA), gates and measures each, and keeps "
+        "the fastest that passes, with the comparison in metadata.json (default name "
+        "ARCH_PRECISION, e.g. resnet50_auto)",
     )
     parser.add_argument(
         "--gate-images",
@@ -224,6 +227,8 @@ def run_one(args: argparse.Namespace, arch: str, weights: str, *, skip: bool) ->
     note = gate_device_note(meta)
     if note:
         print(note)
+    if meta.get("precision_choice"):
+        print(choice_table(meta["precision_choice"]))
     worst = max(r["logits"]["max_abs"] for r in meta["parity"]["results"])
     gate = meta["precision_gate"]
     gate_text = f", {meta['precision']} gate passed" if gate else ""
@@ -247,6 +252,22 @@ def gate_device_note(meta: dict[str, object]) -> str | None:
         f"note: the fp16 gate ran on {device} (no CUDA on this host); the CPU computes fp16 "
         "differently from CUDA, so re-export on a GPU host to gate what a GPU will serve"
     )
+
+
+def choice_table(choice: dict[str, Any]) -> str:
+    """`--precision auto`'s comparison, one line per candidate."""
+    host = choice["host"]
+    sizes = choice["batch_sizes"]
+    lines = [
+        f"precision auto on {host['cpu_model']} ({' '.join(host['cpu_flags']) or 'no AVX2'}, "
+        f"{host['cores']} cores): images/s at batch {'/'.join(map(str, sizes))}"
+    ]
+    for row in choice["candidates"]:
+        speed = row.get("images_per_s")
+        figures = " / ".join(f"{speed[str(b)]:.1f}" for b in sizes) if speed else "-"
+        why = f" ({row['reason']})" if row.get("reason") else ""
+        lines.append(f"  {row['precision']}-{row['engine']:<12} {row['status']:<12} {figures}{why}")
+    return "\n".join(lines)
 
 
 def _split(archs: str) -> tuple[str, ...]:

@@ -22,23 +22,33 @@ from models.hashing import sha256_file
 from models.registry import ArchSpec, complexity, get_spec
 from service import repository
 from service.engine import Engine
-from service.repository import ModelMetadata, Outputs, Report, TensorSpec, Weights
+from service.host import host_facts
+from service.repository import ModelMetadata, Outputs, PrecisionChoice, Report, TensorSpec, Weights
 from service.settings import Settings
 
 from . import triton
 from .onnx_export import EXPORTER, INPUT_NAME, OPSET, OUTPUT_NAMES, export_onnx
 from .parity import Tolerances, check_parity
 from .precision import (
-    ENGINE_OF_PRECISION,
+    CANDIDATES,
     PRECISIONS,
+    Candidate,
+    GateData,
     GateThresholds,
-    convert_fp16,
+    choose,
+    images_per_second,
     load_gate_data,
+    measure_batch_sizes,
     open_engine,
-    quantize_int8,
+    reduced_graph,
     run_gate,
+    score,
+    unavailable,
 )
 from .weights import load_model
+
+# What `--precision` accepts: a precision, or `auto` (the fastest that passes the gate here).
+PRECISION_CHOICES: tuple[str, ...] = (*PRECISIONS, "auto")
 
 # The largest batch the service forms by default: what the parity gate verifies by default.
 DEFAULT_MAX_BATCH_SIZE: int = Settings.model_fields["max_batch_size"].default
@@ -63,7 +73,7 @@ class ExportRequest:
     tolerances: Tolerances = field(default_factory=Tolerances)
     seed: int = 0
     skip_if_same_weights: bool = False
-    precision: str = "fp32"
+    precision: str = "fp32"  # or "auto"
     gate_images: Path | None = None  # real photos: top-1 agreement with fp32
     gate_labeled: Path | None = None  # labeled .npz: top-1 drop against fp32
     gate_thresholds: GateThresholds = field(default_factory=GateThresholds)
@@ -122,6 +132,9 @@ def _skip_key(
         "export.exporter": EXPORTER,
         "export.opset": OPSET,
     }
+    if request.precision == "auto":  # whatever it chose, it was chosen the same way
+        del key["precision"]
+        key["precision_choice.mode"] = "auto"
     if request.precision != "fp32":
         key["precision_gate.thresholds"] = dataclasses.asdict(request.gate_thresholds)
     return key
@@ -147,8 +160,10 @@ def export_model(request: ExportRequest) -> ExportResult:
         spec = resolve_spec(request.arch, request.num_classes)
     except KeyError as exc:
         raise ExportError(exc.args[0]) from None
-    if request.precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {request.precision!r}; choose one of {PRECISIONS}")
+    if request.precision not in PRECISION_CHOICES:
+        raise ExportError(
+            f"unknown precision {request.precision!r}; choose one of {PRECISION_CHOICES}"
+        )
     reduced = request.precision != "fp32"
     if reduced and request.gate_images is None:
         raise ExportError(f"{request.precision} needs gate images (--gate-images DIR)")
@@ -192,9 +207,15 @@ def export_model(request: ExportRequest) -> ExportResult:
         )
         if not report.passed:
             raise ExportError("parity failed: " + "; ".join(report.failures()))
-        served, gate = graph, None
-        if reduced:
-            served, gate = _reduce_precision(request, spec, labels, graph, fp32, Path(tmp))
+        served, gate, choice = graph, None, None
+        if request.precision == "auto":
+            served, candidate, gate, choice = _choose_precision(
+                request, spec, labels, graph, fp32, Path(tmp)
+            )
+        else:
+            candidate = Candidate.of(request.precision)
+            if reduced:
+                served, gate = _reduce_precision(request, spec, labels, graph, fp32, Path(tmp))
         params, macs = complexity(spec)
         metadata = ModelMetadata(
             name=name,
@@ -208,8 +229,8 @@ def export_model(request: ExportRequest) -> ExportResult:
             shortcut=spec.shortcut.value,
             created_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             model_sha256=sha256_file(served),
-            precision=request.precision,
-            engine=ENGINE_OF_PRECISION[request.precision],
+            precision=candidate.precision,
+            engine=candidate.engine,
             input=TensorSpec(name=INPUT_NAME, shape=[None, *spec.input_size]),
             outputs=Outputs(
                 logits=TensorSpec(name=OUTPUT_NAMES[0], shape=[None, spec.num_classes]),
@@ -225,6 +246,7 @@ def export_model(request: ExportRequest) -> ExportResult:
             max_batch_size=request.max_batch_size,
             parity=Report(**report.to_dict(), device=fp32.provider),
             precision_gate=Report(**gate) if gate is not None else None,
+            precision_choice=choice,
             export={
                 "exporter": EXPORTER,
                 "opset": OPSET,
@@ -249,29 +271,102 @@ def _reduce_precision(
     """The graph to serve at `request.precision` and its gate report; raises if the gate fails."""
     assert request.gate_images is not None
     data = load_gate_data(spec.preprocessing, request.gate_images, request.gate_labeled)
-    served = graph
-    if request.precision == "int8":
-        assert request.calibration_images is not None
-        served = tmp / "model.int8.onnx"
-        quantize_int8(graph, served, request.calibration_images)
-    elif request.precision == "fp16":
-        served = tmp / "model.fp16.onnx"
-        convert_fp16(graph, served)
-    reduced = open_engine(served, request.precision, spec.input_size)
+    candidate = Candidate.of(request.precision)
+    served = reduced_graph(candidate, graph, tmp, request.calibration_images)
+    _, gate = _gate(request, spec, labels, candidate, served, fp32, data)
+    if not gate["passed"]:
+        raise ExportError(f"{request.precision} gate failed: {gate_failure(gate)}")
+    return served, gate
+
+
+def _gate(
+    request: ExportRequest,
+    spec: ArchSpec,
+    labels: list[str],
+    candidate: Candidate,
+    served: Path,
+    fp32: Engine,
+    data: GateData,
+) -> tuple[Engine, dict[str, Any]]:
+    """The reduced graph opened in its engine, and its gate report against fp32."""
+    reduced = open_engine(served, candidate.precision, spec.input_size, candidate.engine)
     gate = run_gate(
         fp32,
         reduced,
-        request.precision,
+        candidate.precision,
         labels,
         data,
         request.gate_thresholds,
         request.max_batch_size,
+        engine=candidate.engine,
     )
     gate["device"] = reduced.provider  # where the reduced graph's arithmetic was judged
-    if not gate["passed"]:
-        agreement = gate["agreement"]
-        parts = [f"agreement {agreement['top1_agreement']:.2%} on {agreement['images']} images"]
-        if "drop_points" in gate.get("labeled", {}):
-            parts.append(f"top-1 drop {gate['labeled']['drop_points']:.2f} points")
-        raise ExportError(f"{request.precision} gate failed: " + ", ".join(parts))
-    return served, gate
+    return reduced, gate
+
+
+def gate_failure(gate: dict[str, Any]) -> str:
+    agreement = gate["agreement"]
+    parts = [f"agreement {agreement['top1_agreement']:.2%} on {agreement['images']} images"]
+    if "drop_points" in gate.get("labeled", {}):
+        parts.append(f"top-1 drop {gate['labeled']['drop_points']:.2f} points")
+    return ", ".join(parts)
+
+
+def _choose_precision(
+    request: ExportRequest,
+    spec: ArchSpec,
+    labels: list[str],
+    graph: Path,
+    fp32: Engine,
+    tmp: Path,
+) -> tuple[Path, Candidate, dict[str, Any] | None, PrecisionChoice]:
+    """`--precision auto`: every candidate this host can run is built, gated and measured at the
+    batch sizes the service forms; the fastest that passed is served. A candidate that fails to
+    build or run is recorded as an error, not fatal (fp32, the reference, always runs)."""
+    assert request.gate_images is not None
+    data = load_gate_data(spec.preprocessing, request.gate_images, request.gate_labeled)
+    batch_sizes = measure_batch_sizes(request.max_batch_size)
+    has_calibration = request.calibration_images is not None
+    rows: list[dict[str, Any]] = []
+    built: list[tuple[Path, dict[str, Any] | None]] = []
+    for candidate in CANDIDATES:
+        row: dict[str, Any] = {"precision": candidate.precision, "engine": candidate.engine}
+        rows.append(row)
+        built.append((graph, None))
+        reason = unavailable(candidate, calibration=has_calibration)
+        if reason is not None:
+            row.update(status="unavailable", reason=reason)
+            continue
+        try:
+            if candidate.precision == "fp32":
+                served, engine, gate = graph, fp32, None
+            else:
+                served = reduced_graph(candidate, graph, tmp, request.calibration_images)
+                engine, gate = _gate(request, spec, labels, candidate, served, fp32, data)
+            speed = images_per_second(engine, data.agreement_images, batch_sizes)
+        except Exception as exc:  # recorded in the comparison; the other candidates go on
+            if candidate.precision == "fp32":
+                raise
+            text = str(exc).strip().splitlines()
+            row.update(status="error", reason=text[0] if text else type(exc).__name__)
+            continue
+        passed = gate is None or gate["passed"]
+        row.update(
+            status="passed" if passed else "failed_gate",
+            reason=None if passed else gate_failure(gate or {}),
+            gate=gate,
+            images_per_s=speed,
+            score=score(speed),
+        )
+        built[-1] = (served, gate)
+    best = choose(rows)
+    rows[best]["status"] = "chosen"
+    chosen = CANDIDATES[best]
+    choice = PrecisionChoice(
+        host=host_facts(),  # type: ignore[arg-type]
+        batch_sizes=batch_sizes,
+        chosen=chosen.key,
+        candidates=rows,  # type: ignore[arg-type]
+    )
+    served, gate = built[best]
+    return served, chosen, gate, choice

@@ -2,6 +2,9 @@
 
 - bf16: the fp32 graph, compiled by OpenVINO with a bf16 inference precision (AMX units).
 - int8: static QDQ quantization by onnxruntime, calibrated on real images; served by onnxruntime.
+- int8 through OpenVINO: NNCF post-training quantization of the ONNX graph (QDQ nodes, calibrated
+  on the same images), served by OpenVINO, which runs it on VNNI or AMX int8 units where the CPU
+  has them; a candidate of `--precision auto` only.
 - fp16: the graph's weights and arithmetic converted to float16, its input and outputs kept
   float32 (so clients and the service see no difference); made for CUDA, served by onnxruntime.
   The gate runs where the export runs: on a host without CUDA that is the CPU provider, which
@@ -12,11 +15,22 @@ A precision is accepted only if, against the fp32 graph run by onnxruntime:
 - top-1 accuracy on a labeled set whose classes are the model's drops by at most 0.3 points, and
 - top-1 agreement on real photos is at least 95%.
 The gate runs the very engines the service will run, and its figures go into metadata.json.
+
+`--precision auto` tries every candidate this host can run (`CANDIDATES`), gates each, measures
+each at the batch sizes the service will form, and keeps the fastest that passed (`choose`); fp32
+is the reference and always passes, so there is always a choice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
+import logging
+import math
 import tempfile
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -24,7 +38,7 @@ from typing import Any, get_args
 import numpy as np
 
 from models.preprocessing import Preprocessing
-from service.engine import Engine, EngineConfig, create_engine
+from service.engine import Engine, EngineConfig, create_engine, cuda_devices
 from service.repository import EngineName, Precision
 
 from .calibration import load_calibration
@@ -37,6 +51,33 @@ ENGINE_OF_PRECISION: dict[str, EngineName] = {
     "int8": "onnxruntime",
     "fp16": "onnxruntime",
 }
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A precision and the engine that serves it."""
+
+    precision: Precision
+    engine: EngineName
+
+    @classmethod
+    def of(cls, precision: str) -> Candidate:
+        """The engine an explicit `--precision` is served by."""
+        return cls(precision, ENGINE_OF_PRECISION[precision])  # type: ignore[arg-type]
+
+    @property
+    def key(self) -> str:
+        return f"{self.precision}-{self.engine}"
+
+
+# What `--precision auto` tries, in this order (the order breaks exact ties in speed).
+CANDIDATES = (
+    Candidate("fp32", "onnxruntime"),
+    Candidate("bf16", "openvino"),
+    Candidate("int8", "onnxruntime"),
+    Candidate("int8", "openvino"),
+    Candidate("fp16", "onnxruntime"),
+)
 
 
 class PrecisionError(RuntimeError):
@@ -107,6 +148,23 @@ def quantize_int8(fp32_graph: Path, out: Path, calibration: np.ndarray) -> None:
         )
 
 
+def quantize_int8_nncf(fp32_graph: Path, out: Path, calibration: np.ndarray) -> None:
+    """NNCF post-training quantization (its default preset: symmetric int8 weights and
+    activations, fast bias correction) of the ONNX graph, calibrated on every image given."""
+    import nncf
+    import onnx
+
+    nncf.set_log_level(logging.ERROR)
+    dataset = nncf.Dataset(
+        [calibration[i : i + 1] for i in range(len(calibration))],
+        lambda image: {INPUT_NAME: np.ascontiguousarray(image)},
+    )
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        # NNCF draws progress bars (rich) on the console; the export prints its own summary.
+        model = nncf.quantize(onnx.load(str(fp32_graph)), dataset, subset_size=len(calibration))
+    onnx.save(model, str(out))
+
+
 def convert_fp16(fp32_graph: Path, out: Path) -> None:
     """float16 weights and arithmetic, float32 input and outputs (Cast nodes at the edges):
     onnxruntime's own converter (onnxruntime.transformers.float16), which ships with it."""
@@ -117,11 +175,13 @@ def convert_fp16(fp32_graph: Path, out: Path) -> None:
     onnx.save(model, str(out))
 
 
-def open_engine(graph: Path, precision: str, input_shape: tuple[int, ...]) -> Engine:
+def open_engine(
+    graph: Path, precision: str, input_shape: tuple[int, ...], engine: str | None = None
+) -> Engine:
     return create_engine(
         graph,
         EngineConfig(),
-        engine=ENGINE_OF_PRECISION[precision],
+        engine=engine or ENGINE_OF_PRECISION[precision],
         precision=precision,
         input_name=INPUT_NAME,
         output_names=list(OUTPUT_NAMES),
@@ -143,6 +203,7 @@ def run_gate(
     data: GateData,
     thresholds: GateThresholds,
     batch: int,
+    engine: str | None = None,
 ) -> dict[str, Any]:
     """Measure, then judge; the returned dict is the metadata's `precision_gate`."""
     a32 = _logits(fp32, data.agreement_images, batch)
@@ -150,7 +211,7 @@ def run_gate(
     agreement = float(np.mean(a32.argmax(1) == ared.argmax(1)))
     report: dict[str, Any] = {
         "precision": precision,
-        "engine": ENGINE_OF_PRECISION[precision],
+        "engine": engine or ENGINE_OF_PRECISION[precision],
         "thresholds": asdict(thresholds),
         "agreement": {
             "source": data.agreement_source,
@@ -183,3 +244,88 @@ def run_gate(
         }
     report["passed"] = bool(passed)
     return report
+
+
+def unavailable(candidate: Candidate, *, calibration: bool) -> str | None:
+    """Why this host cannot run `candidate`, or None when it can."""
+    if candidate.engine == "openvino" and importlib.util.find_spec("openvino") is None:
+        return "OpenVINO is not installed (pip install 'resnet-serve[openvino]')"
+    if candidate.precision == "int8" and not calibration:
+        return "int8 needs calibration images (--calibration-images)"
+    if candidate.key == "int8-openvino" and importlib.util.find_spec("nncf") is None:
+        return "NNCF is not installed (pip install 'resnet-serve[export]')"
+    if candidate.precision == "bf16":
+        import openvino as ov
+
+        capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if "BF16" not in capabilities:
+            return f"this CPU has no bf16 units (OpenVINO reports {list(capabilities)})"
+    if candidate.precision == "fp16":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return "fp16 is for CUDA: this onnxruntime has no CUDA provider"
+        devices, why = cuda_devices()
+        if devices < 1:
+            return f"fp16 is for CUDA: no CUDA device ({why})"
+    return None
+
+
+def reduced_graph(candidate: Candidate, fp32_graph: Path, tmp: Path, calibration: Any) -> Path:
+    """The graph `candidate` serves, written into `tmp` (the fp32 graph itself for fp32/bf16)."""
+    out = tmp / f"model.{candidate.key}.onnx"
+    if candidate.key == "int8-onnxruntime":
+        quantize_int8(fp32_graph, out, calibration)
+    elif candidate.key == "int8-openvino":
+        quantize_int8_nncf(fp32_graph, out, calibration)
+    elif candidate.precision == "fp16":
+        convert_fp16(fp32_graph, out)
+    else:
+        return fp32_graph
+    return out
+
+
+def measure_batch_sizes(max_batch_size: int) -> list[int]:
+    """One image, a batch the service forms under moderate load, and its largest batch."""
+    return sorted({1, min(8, max_batch_size), max_batch_size})
+
+
+def images_per_second(
+    engine: Engine,
+    images: np.ndarray,
+    batch_sizes: Sequence[int],
+    *,
+    min_seconds: float = 1.0,
+    min_runs: int = 3,
+) -> dict[str, float]:
+    """Median images/s of `engine` at each batch size, on batches cut from real `images`
+    (repeated as needed), after one warm-up run; each size runs >= min_runs times and
+    >= min_seconds."""
+    result = {}
+    for size in batch_sizes:
+        batch = np.ascontiguousarray(np.resize(images, (size, *images.shape[1:])))
+        engine.run(batch)
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+            began = time.perf_counter()
+            engine.run(batch)
+            times.append(time.perf_counter() - began)
+        result[str(size)] = round(size / float(np.median(times)), 2)
+    return result
+
+
+def score(images_per_s: dict[str, float]) -> float:
+    """One figure per candidate: the geometric mean of its images/s over the batch sizes."""
+    values = list(images_per_s.values())
+    return round(math.exp(sum(math.log(v) for v in values) / len(values)), 2)
+
+
+def choose(candidates: Sequence[dict[str, Any]]) -> int:
+    """The index of the fastest candidate that passed its gate (`status` "passed" and a
+    `score`); never one that failed, errored or could not run. fp32 always passes, so an
+    `auto` export always has a choice; raises if none passed."""
+    passed = [i for i, c in enumerate(candidates) if c["status"] == "passed" and c.get("score")]
+    if not passed:
+        raise PrecisionError("no candidate precision passed its gate")
+    return max(passed, key=lambda i: (candidates[i]["score"], -i))

@@ -23,7 +23,7 @@ from .errors import (
     ServiceError,
 )
 from .gpu_decode import image_preprocessor
-from .lifecycle import ModelHost, ServedModel
+from .lifecycle import ModelLifecycle, ServedModel
 from .metrics import Metrics
 from .postprocess import predictions, unit_norm
 from .repository import ModelEntry
@@ -34,8 +34,8 @@ DEFAULT_TOP_K = 5
 T = TypeVar("T")
 
 
-class DataPlane(ModelHost):
-    """The request path over the served models (their lifecycle is `ModelHost`'s)."""
+class DataPlane(ModelLifecycle):
+    """The request path over the served models (their lifecycle is `ModelLifecycle`'s)."""
 
     def __init__(
         self, settings: Settings, metrics: Metrics, *, on_fatal: Callable[[], None] | None = None

@@ -522,7 +522,8 @@ def create_engine(
     input_shape: tuple[int, ...],
 ) -> Engine:
     """The engine a model's metadata asks for: onnxruntime (fp32, int8; CPU or CUDA) or OpenVINO
-    (bf16 on the CPU). Both offer `run`, `provider`, `providers` and `io_binding`."""
+    (bf16, or int8 from NNCF, on the CPU). Both offer `run`, `provider`, `providers` and
+    `io_binding`."""
     if engine == "onnxruntime":
         return OrtEngine(
             model_path,

@@ -1,6 +1,6 @@
 """The served models' lifecycle, free of HTTP: which models are served (`ServedModel`), opening
 their engines, warming them up, the batcher each gets, readiness, draining and stopping
-(`ModelHost`). The request path over them is `dataplane`.
+(`ModelLifecycle`). The request path over them is `dataplane`.
 
 Construction reads the repository and checks the providers synchronously, so a bad repository
 or a CUDA requirement that cannot be met stops start-up before the port opens. Building
@@ -30,6 +30,7 @@ from .engine import (
     warm,
 )
 from .errors import InvalidParameterError, ModelNotFoundError
+from .host import choice_mismatch
 from .metrics import Metrics
 from .repository import ModelEntry, scan_repository
 from .settings import Settings
@@ -145,7 +146,23 @@ def check_fp16_device(entry: ModelEntry, provider: str, settings: Settings) -> N
     )
 
 
-class ModelHost:
+def warn_if_chosen_elsewhere(entry: ModelEntry) -> None:
+    """One warning when `--precision auto` chose this version on a CPU with other flags."""
+    choice = entry.metadata.precision_choice
+    if choice is None:
+        return
+    why = choice_mismatch(choice.host.model_dump())
+    if why is not None:
+        log.warning(
+            "model %s v%d serves %s (precision auto) %s",
+            entry.name,
+            entry.version,
+            choice.chosen,
+            why,
+        )
+
+
+class ModelLifecycle:
     """Every served model, the decode pool's threads, and the service's readiness: what is
     loaded, warmed, drained and stopped. `dataplane.DataPlane` adds the request path."""
 
@@ -243,6 +260,7 @@ class ModelHost:
         engine = await asyncio.to_thread(open_entry, entry, self.engine_config)
         model.engine = engine
         check_fp16_device(entry, engine.provider, self.settings)
+        warn_if_chosen_elsewhere(entry)
         if CUDA in self.providers and engine.provider not in GPU_PROVIDERS:
             log.warning(
                 "model %s runs on %s although CUDA is available", entry.name, engine.provider

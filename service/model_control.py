@@ -93,7 +93,7 @@ class ModelControl:
         return rows
 
     async def _poll(self) -> None:
-        # The versions found at start load first (ModelHost.start); then watch for new ones.
+        # The versions found at start load first (ModelLifecycle.start); then watch for new ones.
         while not self.server.ready and self.server.fatal is None:
             await asyncio.sleep(0.05)
         while True:

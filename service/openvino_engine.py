@@ -1,4 +1,5 @@
-"""The second engine: OpenVINO on the CPU, for bf16 on AMX / AVX512-BF16 units.
+"""The second engine: OpenVINO on the CPU, for bf16 on AMX / AVX512-BF16 units and for int8
+graphs quantized by NNCF (VNNI and AMX int8 kernels; plain AVX2 elsewhere).
 
 Chosen over onnxruntime's OpenVINO execution provider for packaging (the EP was not measured):
 it ships as `onnxruntime-openvino`, a third build of the `onnxruntime` module that cannot be
@@ -18,8 +19,11 @@ import numpy as np
 
 from .engine import EngineError, available_cores
 
-# Our precision names -> OpenVINO's INFERENCE_PRECISION_HINT, and the capability it needs.
-INFERENCE_PRECISION = {"bf16": ("bf16", "BF16"), "fp32": ("f32", "FP32")}
+# Our precision names -> OpenVINO's INFERENCE_PRECISION_HINT, and the capability it needs. An
+# int8 graph carries its own quantize/dequantize nodes; what is not quantized runs in f32, set
+# explicitly because OpenVINO's default on a BF16-capable CPU is bf16 (which the gate would not
+# have judged).
+INFERENCE_PRECISION = {"bf16": ("bf16", "BF16"), "fp32": ("f32", "FP32"), "int8": ("f32", "INT8")}
 
 
 class OpenVINOEngine:

@@ -72,6 +72,40 @@ class Report(BaseModel):
     passed: bool
 
 
+class Host(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    cpu_model: str
+    cpu_flags: list[str] = Field(description="the ISA extensions that decide speed (service.host)")
+    cores: int | None = None
+
+
+class Candidate(BaseModel):
+    """A precision/engine `--precision auto` tried: its gate, its speed, or why it did not run."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    precision: Precision
+    engine: EngineName
+    status: Literal["chosen", "passed", "failed_gate", "unavailable", "error"]
+    reason: str | None = Field(None, description="why it was not run, or its error")
+    gate: Report | None = Field(None, description="as precision_gate; null for fp32")
+    images_per_s: dict[str, float] | None = Field(None, description="batch size -> images/s")
+    score: float | None = Field(None, description="geometric mean of images_per_s")
+
+
+class PrecisionChoice(BaseModel):
+    """What `--precision auto` compared on the exporting host, and what it chose."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    mode: Literal["auto"] = "auto"
+    host: Host
+    batch_sizes: list[int] = Field(description="the batch sizes each candidate was measured at")
+    chosen: str = Field(description="PRECISION-ENGINE of the candidate written, e.g. int8-openvino")
+    candidates: list[Candidate]
+
+
 class ModelMetadata(BaseModel):
     """metadata.json, format_version 1. Fields the service needs are required; descriptive ones
     that older or hand-written entries may lack have defaults."""
@@ -92,7 +126,7 @@ class ModelMetadata(BaseModel):
     model_file: str = "model.onnx"
     model_sha256: str | None = None
     precision: Precision = "fp32"
-    engine: EngineName = Field("onnxruntime", description="openvino: bf16 on AMX")
+    engine: EngineName = Field("onnxruntime", description="openvino: bf16, or int8 from NNCF")
     input: TensorSpec
     outputs: Outputs
     num_classes: int = Field(ge=1)
@@ -105,6 +139,9 @@ class ModelMetadata(BaseModel):
     max_batch_size: int | None = Field(None, ge=1, description="largest batch parity verified")
     parity: Report
     precision_gate: Report | None = Field(None, description="bf16/int8/fp16 only")
+    precision_choice: PrecisionChoice | None = Field(
+        None, description="--precision auto only: every candidate's gate and speed"
+    )
     export: dict[str, Any] | None = Field(
         None, description="exporter, opset and the library versions that wrote it"
     )

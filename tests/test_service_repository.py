@@ -194,7 +194,9 @@ PRE_CONTRACT_METADATA = Path(__file__).parent / "fixtures" / "metadata-v1-9cf61d
 def test_metadata_written_before_the_typed_contract_still_loads(tmp_path: Path) -> None:
     written = json.loads(PRE_CONTRACT_METADATA.read_text())
     metadata = ModelMetadata.model_validate_json(PRE_CONTRACT_METADATA.read_text())
-    assert metadata.model_dump(mode="json") == written  # every field kept, none added or changed
+    assert metadata.model_dump(mode="json", exclude_unset=True) == written  # kept, none changed
+    added = set(metadata.model_dump()) - set(written)  # fields added since load as absent
+    assert added == {"precision_choice"} and metadata.precision_choice is None
     directory = tmp_path / "cifar_resnet20" / "1"
     directory.mkdir(parents=True)
     graph = tiny_graph(32, 10)
