@@ -1,4 +1,4 @@
-"""`python -m bench engine|http|precision|gpu`: the only place where exceptions become exit codes.
+"""`python -m bench engine|http|precision|decode|gpu`: exceptions become exit codes here only.
 
 0 when the results were written; 1 with a one-line reason otherwise; 2 for usage errors.
 """
@@ -233,6 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     precision.add_argument("--out", type=Path, default=DEFAULT_OUT / "precision")
 
+    decode = sub.add_parser(
+        "decode",
+        help="decode + resize + normalize per photo on one core: Pillow against alternatives",
+        description="Time the service's image path (Pillow) against simplejpeg (libjpeg-turbo, "
+        "with and without DCT scaling) and a crop-box resize, per photo of one size, pinned to "
+        "one core; each alternative's model input is compared with the service's.",
+    )
+    decode.add_argument("--images", type=Path, default=Path("../shared/data/photos"))
+    decode.add_argument(
+        "--size", default="500x375", help="photos of this WIDTHxHEIGHT (+-1) (default: %(default)s)"
+    )
+    decode.add_argument(
+        "--arch", default="resnet50", help="whose preprocessing (default: %(default)s)"
+    )
+    decode.add_argument("--runs", type=int, default=50, help="timed runs per photo")
+    decode.add_argument("--out", type=Path, default=DEFAULT_OUT / "decode")
+
     gpu = sub.add_parser(
         "gpu",
         help="everything a GPU host must prove, in one run (make gpu-check)",
@@ -426,6 +443,31 @@ def run_precision_mode(args: argparse.Namespace, command: str, load_at_start: fl
     return 0
 
 
+def run_decode_mode(args: argparse.Namespace, command: str) -> int:
+    import json
+
+    from models.registry import get_spec
+
+    from . import decode
+    from .machine import machine_facts
+
+    width, _, height = args.size.partition("x")
+    size = (int(width), int(height))
+    section = decode.run_decode(args.images, get_spec(args.arch).preprocessing, size, args.runs)
+    section |= {"command": command, "machine": machine_facts()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode.json").write_text(json.dumps(section, indent=2) + "\n")
+    machine = section["machine"]
+    text = (
+        f"`{command}`: {len(section['photos'])} JPEG photos of {args.size}, "
+        f"{args.arch} preprocessing, one core of {machine['cpu_model']} "
+        f"({' '.join(machine['cpu_flags'])})\n\n{decode.table(section)}\n"
+    )
+    (args.out / decode.RESULTS_MD).write_text(text)
+    print(text)
+    return 0
+
+
 def finish(args: argparse.Namespace, section: dict[str, Any], load_at_start: float | None) -> None:
     """Write results.json/.md and the plot, print the table and where everything went."""
     from . import plots, report
@@ -467,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_gpu_mode(args, command, load_at_start)
         if args.mode == "precision":
             return run_precision_mode(args, command, load_at_start)
+        if args.mode == "decode":
+            return run_decode_mode(args, command)
         section = runners[args.mode](args, command)
         finish(args, section, load_at_start)
     except KeyboardInterrupt:

@@ -171,3 +171,16 @@ def test_the_cli_prints_the_comparison(tmp_path: Path, capsys: pytest.CaptureFix
     assert "int8 needs calibration images" in out
     assert "fp32-onnxruntime  chosen" in out
     assert (tmp_path / "picked" / "1" / "model.onnx").is_file()
+
+
+def test_bench_precision_tabulates_the_comparison(auto_export: ExportResult) -> None:
+    from bench.precision import summary_row, table
+
+    row = summary_row(auto_export.metadata, export_s=1.0, reused=False)
+    choice = auto_export.metadata["precision_choice"]
+    assert row["chosen"] == choice["chosen"] and row["depth"] == 20
+    fp32 = row["fp32_images_per_s"]
+    assert row["speedup"] == {b: row["chosen_images_per_s"][b] / fp32[b] for b in fp32}
+    text = table([row])
+    assert f"| cifar_resnet20_auto | 20 | {choice['chosen']} |" in text
+    assert "bf16-openvino" in text and "fp32-onnxruntime" in text
