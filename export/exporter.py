@@ -301,6 +301,9 @@ def _gate(
         engine=candidate.engine,
     )
     gate["device"] = reduced.provider  # where the reduced graph's arithmetic was judged
+    kernels = getattr(reduced, "kernel_precisions", None)
+    if kernels:  # OpenVINO: the precision its compute layers were compiled to on this CPU
+        gate["kernel_precisions"] = kernels
     return reduced, gate
 
 

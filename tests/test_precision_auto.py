@@ -76,6 +76,9 @@ def test_auto_serves_the_fastest_candidate_that_passed(
             gate = row["gate"]
             assert gate["labeled"]["images"] == 2000 and gate["agreement"]["images"] == 2000
             assert gate["passed"] == (row["status"] != "failed_gate")
+    # What OpenVINO really runs: its compiled convolutions are int8, none fell back to f32/bf16.
+    kernels = rows["int8-openvino"]["gate"]["kernel_precisions"]
+    assert set(kernels) <= {"u8", "i8"} and sum(kernels.values()) == 20  # 19 convs + the FC
     chosen = [k for k, r in rows.items() if r["status"] == "chosen"]
     assert chosen == [choice["chosen"]]
     best = rows[choice["chosen"]]
