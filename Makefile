@@ -7,7 +7,8 @@ WEIGHTS ?= weights
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve export test test-docker lint bench bench-resnet50 bench-precision bench-ablations \
+.PHONY: venv serve export test test-docker lint bench bench-resnet50 bench-precision bench-decode \
+	bench-ablations \
 	reliability gpu-check clean
 
 $(BIN)/activate: pyproject.toml
@@ -47,7 +48,7 @@ PERF := bench-results/perf-repo
 bench: venv
 	$(BIN)/python -m bench engine --compare-torch --weights-dir $(WEIGHTS) --out bench-results
 	cp bench-results/latency_vs_depth.png docs/latency_vs_depth.png
-	$(MAKE) bench-resnet50 bench-precision
+	$(MAKE) bench-resnet50 bench-precision bench-decode
 
 bench-resnet50: venv
 	$(BIN)/python -m export resnet50 --weights random:0 --out $(PERF) --skip-existing
@@ -64,6 +65,10 @@ bench-resnet50: venv
 bench-precision: venv
 	$(BIN)/python -m bench precision --weights-dir $(WEIGHTS) --images $(PHOTOS) \
 		--out bench-results/precision
+
+# README "Image decoding": per 500x375 photo on one core, and CIFAR accuracy on upscaled JPEGs.
+bench-decode: venv
+	$(BIN)/python -m bench decode --images $(PHOTOS) --cifar-accuracy --out bench-results/decode
 
 # ResNet-50 fp32, one setting changed at a time (README "ResNet-50 over HTTP", ~4 min): each
 # directory holds batch 1 in process and concurrency 32 over HTTP; `default` runs three times.

@@ -248,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch", default="resnet50", help="whose preprocessing (default: %(default)s)"
     )
     decode.add_argument("--runs", type=int, default=50, help="timed runs per photo")
+    decode.add_argument(
+        "--cifar-accuracy",
+        action="store_true",
+        help="also score the trained CIFAR ResNet-20 on the labeled CIFAR-10 images upscaled to "
+        "JPEGs (64-256 pixels), decoded in full and with --jpeg-dct-scaling",
+    )
+    decode.add_argument(
+        "--cifar-labeled",
+        type=Path,
+        default=Path("../shared/data/cifar10-test/cifar10_test_2000.npz"),
+    )
+    decode.add_argument(
+        "--cifar-checkpoint", type=Path, default=Path("weights/resnet20-12fca82f.th")
+    )
     decode.add_argument("--out", type=Path, default=DEFAULT_OUT / "decode")
 
     gpu = sub.add_parser(
@@ -455,6 +469,10 @@ def run_decode_mode(args: argparse.Namespace, command: str) -> int:
     size = (int(width), int(height))
     section = decode.run_decode(args.images, get_spec(args.arch).preprocessing, size, args.runs)
     section |= {"command": command, "machine": machine_facts()}
+    if args.cifar_accuracy:
+        section["cifar_upscaled"] = decode.upscaled_cifar_accuracy(
+            args.cifar_labeled, args.cifar_checkpoint
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode.json").write_text(json.dumps(section, indent=2) + "\n")
     machine = section["machine"]
@@ -463,6 +481,11 @@ def run_decode_mode(args: argparse.Namespace, command: str) -> int:
         f"{args.arch} preprocessing, one core of {machine['cpu_model']} "
         f"({' '.join(machine['cpu_flags'])})\n\n{decode.table(section)}\n"
     )
+    if "cifar_upscaled" in section:
+        text += (
+            "\nTrained CIFAR ResNet-20 on the CIFAR-10 test images upscaled to JPEGs "
+            f"(quality 90):\n\n{decode.accuracy_table(section['cifar_upscaled'])}\n"
+        )
     (args.out / decode.RESULTS_MD).write_text(text)
     print(text)
     return 0

@@ -1,13 +1,13 @@
 """`bench decode`: what one image costs to decode, resize and normalize on one core.
 
-Times the service's path (Pillow: decode with DCT-domain downscaling by 1/2, 1/4 or 1/8 where
-it still leaves the shorter side >= the resize target, antialiased bilinear resize, center crop,
-normalize) against alternatives, per image, pinned to one core, on the photos of one size
-(500x375 by default, ImageNet's most common):
-- each stage alone (Pillow decode, simplejpeg decode, resize + crop, normalize);
-- simplejpeg (libjpeg-turbo) decoding, with and without its DCT scaling to any M/8 factor;
-- Pillow resizing only the region that the crop keeps (`Image.resize(box=...)`).
-Each alternative's output is compared with the service's: `exact` when every value is equal.
+Times, per photo of one size (500x375 by default, ImageNet's most common), pinned to one core:
+- torchvision's order (Pillow decode, resize the whole image, center crop, normalize): the
+  reference every other path's model input is compared with (`exact` when all values equal);
+- the service's path (Pillow decode, resizing only the region the crop keeps), and the same with
+  `--jpeg-dct-scaling` (libjpeg's 1/2, 1/4, 1/8 DCT-domain downscaling);
+- simplejpeg (libjpeg-turbo through its own binding), with and without its DCT scaling to any
+  M/8 factor, then the service's resize;
+- each stage alone.
 """
 
 from __future__ import annotations
@@ -23,61 +23,49 @@ import numpy as np
 from PIL import Image
 
 from models.preprocessing import Preprocessing
-from service.preprocess import image_files, normalize_into, preprocess_into, resize_and_crop
+from service.preprocess import (
+    image_files,
+    normalize_into,
+    preprocess_into,
+    resize_all_then_crop,
+    resize_and_crop,
+)
 
 from .images import MAX_PIXELS
 
 RESULTS_MD = "decode.md"
 
 
-def _resized_size(width: int, height: int, prep: Preprocessing) -> tuple[int, int]:
-    s = prep.resize_shorter
-    return (s, int(s * height / width)) if width <= height else (int(s * width / height), s)
-
-
-def _box_resize(image: Image.Image, prep: Preprocessing) -> Image.Image:
-    """Resize + center crop computing only the pixels the crop keeps."""
-    width, height = image.size
-    size = _resized_size(width, height, prep)
-    top = round((size[1] - prep.crop) / 2.0)
-    left = round((size[0] - prep.crop) / 2.0)
-    sx, sy = width / size[0], height / size[1]
-    box = (left * sx, top * sy, (left + prep.crop) * sx, (top + prep.crop) * sy)
-    return image.resize((prep.crop, prep.crop), Image.Resampling.BILINEAR, box, reducing_gap=None)
-
-
 def variants(prep: Preprocessing) -> dict[str, Callable[[bytes, np.ndarray], None]]:
-    """Each path from encoded bytes to the model input, written into `out`."""
+    """Each path from encoded bytes to the model input, written into `out`; the first is the
+    reference."""
     import simplejpeg
+
+    def torchvision_order(data: bytes, out: np.ndarray) -> None:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        normalize_into(np.asarray(resize_all_then_crop(image, prep)), prep, out)
 
     def service(data: bytes, out: np.ndarray) -> None:
         preprocess_into(data, prep, out, max_pixels=MAX_PIXELS)
 
+    def service_dct(data: bytes, out: np.ndarray) -> None:
+        preprocess_into(data, prep, out, max_pixels=MAX_PIXELS, dct_scaling=True)
+
     def simplejpeg_full(data: bytes, out: np.ndarray) -> None:
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
-        image = resize_and_crop(Image.fromarray(pixels), prep)
-        normalize_into(np.asarray(image), prep, out)
+        normalize_into(np.asarray(resize_and_crop(Image.fromarray(pixels), prep)), prep, out)
 
     def simplejpeg_scaled(data: bytes, out: np.ndarray) -> None:
         side = prep.resize_shorter
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=side, min_width=side)
-        image = resize_and_crop(Image.fromarray(pixels), prep)
-        normalize_into(np.asarray(image), prep, out)
-
-    def pillow_box(data: bytes, out: np.ndarray) -> None:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        normalize_into(np.asarray(_box_resize(image, prep)), prep, out)
-
-    def simplejpeg_box(data: bytes, out: np.ndarray) -> None:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
-        normalize_into(np.asarray(_box_resize(Image.fromarray(pixels), prep)), prep, out)
+        normalize_into(np.asarray(resize_and_crop(Image.fromarray(pixels), prep)), prep, out)
 
     return {
-        "Pillow (the service's path)": service,
-        "simplejpeg decode + Pillow resize": simplejpeg_full,
-        "simplejpeg DCT-scaled (M/8) + Pillow resize": simplejpeg_scaled,
-        "Pillow decode + crop-box resize": pillow_box,
-        "simplejpeg decode + crop-box resize": simplejpeg_box,
+        "torchvision's order: Pillow decode, resize all, crop": torchvision_order,
+        "the service: Pillow decode, crop-box resize": service,
+        "the service with --jpeg-dct-scaling": service_dct,
+        "simplejpeg decode, crop-box resize": simplejpeg_full,
+        "simplejpeg DCT-scaled (M/8), crop-box resize": simplejpeg_scaled,
     }
 
 
@@ -89,7 +77,8 @@ def stages(prep: Preprocessing, sample: bytes) -> dict[str, Callable[[bytes, np.
     return {
         "stage: Pillow decode": lambda d, o: Image.open(io.BytesIO(d)).convert("RGB"),
         "stage: simplejpeg decode": lambda d, o: simplejpeg.decode_jpeg(d, colorspace="RGB"),
-        "stage: resize + crop (Pillow)": lambda d, o: resize_and_crop(image, prep),
+        "stage: resize all + crop (Pillow)": lambda d, o: resize_all_then_crop(image, prep),
+        "stage: crop-box resize (Pillow)": lambda d, o: resize_and_crop(image, prep),
         "stage: normalize": lambda d, o: normalize_into(pixels, prep, o),
     }
 
@@ -122,12 +111,13 @@ def run_decode(
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})  # one core
     out = np.empty((3, prep.crop, prep.crop), dtype=np.float32)
+    paths = {**variants(prep), **stages(prep, photos[0][1])}
+    reference_path = next(iter(paths.values()))
     reference = []
     for _, data in photos:
-        preprocess_into(data, prep, out, max_pixels=MAX_PIXELS)
+        reference_path(data, out)
         reference.append(out.copy())
     rows = []
-    paths = {**variants(prep), **stages(prep, photos[0][1])}
     for name, fn in paths.items():
         ms = 1e3 * float(np.mean([_time(fn, data, out, runs) for _, data in photos]))
         row: dict[str, Any] = {"path": name, "ms_per_image": round(ms, 3)}
@@ -145,7 +135,7 @@ def run_decode(
 
 def table(section: dict[str, Any]) -> str:
     lines = [
-        "| path | ms per image, one core | same model input as the service |",
+        "| path | ms per image, one core | same model input as torchvision's order |",
         "|---|---|---|",
     ]
     for row in section["rows"]:
@@ -159,4 +149,63 @@ def table(section: dict[str, Any]) -> str:
                 f"{100 * row['values_differing']:.2f}% of values"
             )
         lines.append(f"| {row['path']} | {row['ms_per_image']:.2f} | {same} |")
+    return "\n".join(lines)
+
+
+def upscaled_cifar_accuracy(
+    labeled: Path, checkpoint: Path, sizes: tuple[int, ...] = (64, 96, 128, 160, 256)
+) -> list[dict[str, Any]]:
+    """The trained CIFAR ResNet-20 on the labeled CIFAR-10 images upscaled (bicubic) to JPEGs
+    (quality 90) of each size, decoded in full (the service's default) and with DCT scaling."""
+    import tempfile
+
+    from export.exporter import ExportRequest, export_model
+    from models.registry import get_spec
+    from service.engine import EngineConfig, OrtEngine
+
+    prep = get_spec("cifar_resnet20").preprocessing
+    with np.load(labeled) as data:
+        pixels, labels = data["images"], data["labels"]
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        result = export_model(
+            ExportRequest(arch="cifar_resnet20", weights=str(checkpoint), out=Path(tmp))
+        )
+        engine = OrtEngine(
+            result.path / "model.onnx",
+            EngineConfig(),
+            input_name="images",
+            output_names=["logits", "embedding"],
+            input_shape=(3, prep.crop, prep.crop),
+        )
+    rows = []
+    for size in sizes:
+        encoded = []
+        for image in pixels:
+            buffer = io.BytesIO()
+            upscaled = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC)
+            upscaled.save(buffer, "JPEG", quality=90)
+            encoded.append(buffer.getvalue())
+        row: dict[str, Any] = {"size": size, "images": len(encoded)}
+        for key, dct in (("full_decode", False), ("dct_scaling", True)):
+            inputs = np.empty((len(encoded), 3, prep.crop, prep.crop), dtype=np.float32)
+            for i, data in enumerate(encoded):
+                preprocess_into(data, prep, inputs[i], max_pixels=MAX_PIXELS, dct_scaling=dct)
+            logits = np.concatenate(
+                [engine.run(inputs[i : i + 100])[0] for i in range(0, len(inputs), 100)]
+            )
+            row[key] = int((logits.argmax(1) == labels).sum())
+        rows.append(row)
+    return rows
+
+
+def accuracy_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| upscaled to | correct, decoded in full (default) | correct, --jpeg-dct-scaling |",
+        "|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['size']}x{row['size']} | {row['full_decode']}/{row['images']} "
+            f"| {row['dct_scaling']}/{row['images']} |"
+        )
     return "\n".join(lines)

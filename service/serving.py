@@ -204,7 +204,9 @@ class DataPlane:
             )
         for entry in entries.values():
             check_fp16_device(entry, self.providers[0], settings)
-        self.preprocess_into = image_preprocessor(settings.jpeg_decoder)
+        self.preprocess_into = image_preprocessor(
+            settings.jpeg_decoder, dct_scaling=settings.jpeg_dct_scaling
+        )
         self.models = {name: ServedModel(entry, settings) for name, entry in entries.items()}
         self.draining = False
         self.fatal: str | None = None
