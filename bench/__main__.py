@@ -449,11 +449,14 @@ def run_precision_mode(args: argparse.Namespace, command: str, load_at_start: fl
     )
     machine = {**machine_facts(), "load_average_1m_at_start": load_at_start}
     path = precision.write(rows, args.out, machine, command)
+    from .plots import precision_vs_depth
+
+    png = precision_vs_depth(rows, args.out)
     note = busy_note(machine)
     if note:
         print(f"warning: {note}", file=sys.stderr)
     print(precision.table(rows))
-    print(f"\nprecision: wrote {path}, {args.out / precision.RESULTS_MD}")
+    print(f"\nprecision: wrote {path}, {args.out / precision.RESULTS_MD}, {png}")
     return 0
 
 

@@ -176,7 +176,10 @@ def test_the_cli_prints_the_comparison(tmp_path: Path, capsys: pytest.CaptureFix
     assert (tmp_path / "picked" / "1" / "model.onnx").is_file()
 
 
-def test_bench_precision_tabulates_the_comparison(auto_export: ExportResult) -> None:
+def test_bench_precision_tabulates_the_comparison(
+    auto_export: ExportResult, tmp_path: Path
+) -> None:
+    from bench.plots import precision_vs_depth
     from bench.precision import summary_row, table
 
     row = summary_row(auto_export.metadata, export_s=1.0, reused=False)
@@ -187,3 +190,5 @@ def test_bench_precision_tabulates_the_comparison(auto_export: ExportResult) -> 
     text = table([row])
     assert f"| cifar_resnet20_auto | 20 | {choice['chosen']} |" in text
     assert "bf16-openvino" in text and "fp32-onnxruntime" in text
+    png = precision_vs_depth([row], tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
