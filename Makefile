@@ -66,9 +66,11 @@ bench-precision: venv
 	$(BIN)/python -m bench precision --weights-dir $(WEIGHTS) --images $(PHOTOS) \
 		--out bench-results/precision
 
-# README "Image decoding": per 500x375 photo on one core, and CIFAR accuracy on upscaled JPEGs.
+# README "Image decoding": per photo (500x375, 2400x1600) on one core, and CIFAR accuracy on
+# upscaled JPEGs decoded in full and with DCT scaling.
 bench-decode: venv
-	$(BIN)/python -m bench decode --images $(PHOTOS) --cifar-accuracy --out bench-results/decode
+	$(BIN)/python -m bench decode --images $(PHOTOS) --size 500x375,2400x1600 --cifar-accuracy \
+		--out bench-results/decode
 
 # ResNet-50 fp32, one setting changed at a time (README "ResNet-50 over HTTP", ~4 min): each
 # directory holds batch 1 in process and concurrency 32 over HTTP; `default` runs three times.

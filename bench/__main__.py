@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     decode.add_argument("--images", type=Path, default=Path("../shared/data/photos"))
     decode.add_argument(
-        "--size", default="500x375", help="photos of this WIDTHxHEIGHT (+-1) (default: %(default)s)"
+        "--size",
+        default="500x375",
+        help="photos of these WIDTHxHEIGHT sizes (+-1), comma-separated (default: %(default)s)",
     )
     decode.add_argument(
         "--arch", default="resnet50", help="whose preprocessing (default: %(default)s)"
@@ -468,27 +470,28 @@ def run_decode_mode(args: argparse.Namespace, command: str) -> int:
     from . import decode
     from .machine import machine_facts
 
-    width, _, height = args.size.partition("x")
-    size = (int(width), int(height))
-    section = decode.run_decode(args.images, get_spec(args.arch).preprocessing, size, args.runs)
-    section |= {"command": command, "machine": machine_facts()}
+    prep = get_spec(args.arch).preprocessing
+    section: dict[str, Any] = {"command": command, "machine": machine_facts(), "sizes": {}}
+    machine = section["machine"]
+    text = (
+        f"`{command}`: {args.arch} preprocessing, one core of {machine['cpu_model']} "
+        f"({' '.join(machine['cpu_flags'])})\n"
+    )
+    for size in args.size.split(","):
+        width, _, height = size.partition("x")
+        result = decode.run_decode(args.images, prep, (int(width), int(height)), args.runs)
+        section["sizes"][size] = result
+        text += f"\n{len(result['photos'])} JPEG photos of {size}:\n\n{decode.table(result)}\n"
     if args.cifar_accuracy:
         section["cifar_upscaled"] = decode.upscaled_cifar_accuracy(
             args.cifar_labeled, args.cifar_checkpoint
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode.json").write_text(json.dumps(section, indent=2) + "\n")
-    machine = section["machine"]
-    text = (
-        f"`{command}`: {len(section['photos'])} JPEG photos of {args.size}, "
-        f"{args.arch} preprocessing, one core of {machine['cpu_model']} "
-        f"({' '.join(machine['cpu_flags'])})\n\n{decode.table(section)}\n"
-    )
-    if "cifar_upscaled" in section:
         text += (
             "\nTrained CIFAR ResNet-20 on the CIFAR-10 test images upscaled to JPEGs "
             f"(quality 90):\n\n{decode.accuracy_table(section['cifar_upscaled'])}\n"
         )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode.json").write_text(json.dumps(section, indent=2) + "\n")
     (args.out / decode.RESULTS_MD).write_text(text)
     print(text)
     return 0

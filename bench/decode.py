@@ -1,8 +1,9 @@
 """`bench decode`: what one image costs to decode, resize and normalize on one core.
 
 Times, per photo of one size (500x375 by default, ImageNet's most common), pinned to one core:
-- torchvision's order (Pillow decode, resize the whole image, center crop, normalize): the
-  reference every other path's model input is compared with (`exact` when all values equal);
+- torchvision's order (its loader's `Image.open(f).convert("RGB")`, which copies an RGB
+  image once more, then resize the whole image, center crop, normalize): the reference every
+  other path's model input is compared with (`exact` when all values equal);
 - the service's path (Pillow decode, resizing only the region the crop keeps), and the same with
   `--jpeg-dct-scaling` (libjpeg's 1/2, 1/4, 1/8 DCT-domain downscaling);
 - simplejpeg (libjpeg-turbo through its own binding), with and without its DCT scaling to any
@@ -75,7 +76,7 @@ def stages(prep: Preprocessing, sample: bytes) -> dict[str, Callable[[bytes, np.
     image = Image.open(io.BytesIO(sample)).convert("RGB")
     pixels = np.asarray(resize_and_crop(image, prep))
     return {
-        "stage: Pillow decode": lambda d, o: Image.open(io.BytesIO(d)).convert("RGB"),
+        "stage: Pillow decode": lambda d, o: Image.open(io.BytesIO(d)).load(),
         "stage: simplejpeg decode": lambda d, o: simplejpeg.decode_jpeg(d, colorspace="RGB"),
         "stage: resize all + crop (Pillow)": lambda d, o: resize_all_then_crop(image, prep),
         "stage: crop-box resize (Pillow)": lambda d, o: resize_and_crop(image, prep),
