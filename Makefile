@@ -7,7 +7,9 @@ WEIGHTS ?= weights
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve export test test-docker lint bench bench-ablations reliability gpu-check clean
+.PHONY: venv serve export test test-docker lint bench bench-resnet50 bench-precision bench-decode \
+	bench-ablations \
+	reliability gpu-check clean
 
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,24 +40,37 @@ test-docker: venv
 	PYTHON=$(BIN)/python tests/container/run.sh
 
 # The README's figures: latency per depth (paper preset, PyTorch side by side), then ResNet-50
-# fp32 / bf16 / int8 in process (JPEG decoding included) and over HTTP at concurrency 1-32.
+# fp32 and `--precision auto` (the fastest gated precision on this host) in process (JPEG
+# decoding included, and inference alone) and over HTTP at concurrency 1-32, then `auto` per
+# depth (fp32 beside the chosen precision, every candidate measured by the exporter).
 PHOTOS ?= ../shared/data/photos
 PERF := bench-results/perf-repo
 bench: venv
 	$(BIN)/python -m bench engine --compare-torch --weights-dir $(WEIGHTS) --out bench-results
 	cp bench-results/latency_vs_depth.png docs/latency_vs_depth.png
+	$(MAKE) bench-resnet50 bench-precision bench-decode
+
+bench-resnet50: venv
 	$(BIN)/python -m export resnet50 --weights random:0 --out $(PERF) --skip-existing
 	$(BIN)/python -m export resnet50 --weights random:0 --out $(PERF) --skip-existing \
-		--precision bf16 --gate-images $(PHOTOS)
-	$(BIN)/python -m export resnet50 --weights random:0 --out $(PERF) --skip-existing \
-		--precision int8 --gate-images $(PHOTOS) --calibration-images $(PHOTOS)
-	for m in resnet50 resnet50_bf16 resnet50_int8; do \
+		--precision auto --gate-images $(PHOTOS) --calibration-images $(PHOTOS)
+	for m in resnet50 resnet50_auto; do \
 		$(BIN)/python -m bench engine --repository $(PERF) --models $$m --batch-sizes 1,8,32 \
 			--with-preprocessing --images $(PHOTOS) --out bench-results/$$m && \
 		$(BIN)/python -m bench http --start-service --repository $(PERF) --model $$m \
 			--images $(PHOTOS) --concurrency 1,8,32 --requests 600 --out bench-results/$$m \
 		|| exit 1; \
 	done
+
+bench-precision: venv
+	$(BIN)/python -m bench precision --weights-dir $(WEIGHTS) --images $(PHOTOS) \
+		--out bench-results/precision
+
+# README "Image decoding": per photo (500x375, 2400x1600) on one core, and CIFAR accuracy on
+# upscaled JPEGs decoded in full and with DCT scaling.
+bench-decode: venv
+	$(BIN)/python -m bench decode --images $(PHOTOS) --size 500x375,2400x1600 --cifar-accuracy \
+		--out bench-results/decode
 
 # ResNet-50 fp32, one setting changed at a time (README "ResNet-50 over HTTP", ~4 min): each
 # directory holds batch 1 in process and concurrency 32 over HTTP; `default` runs three times.

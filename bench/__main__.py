@@ -1,4 +1,4 @@
-"""`python -m bench engine|http|precision|gpu`: the only place where exceptions become exit codes.
+"""`python -m bench engine|http|precision|decode|gpu`: exceptions become exit codes here only.
 
 0 when the results were written; 1 with a one-line reason otherwise; 2 for usage errors.
 """
@@ -233,6 +233,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     precision.add_argument("--out", type=Path, default=DEFAULT_OUT / "precision")
 
+    decode = sub.add_parser(
+        "decode",
+        help="decode + resize + normalize per photo on one core: Pillow against alternatives",
+        description="Time the service's image path (Pillow) against simplejpeg (libjpeg-turbo, "
+        "with and without DCT scaling) and a crop-box resize, per photo of one size, pinned to "
+        "one core; each alternative's model input is compared with the service's.",
+    )
+    decode.add_argument("--images", type=Path, default=Path("../shared/data/photos"))
+    decode.add_argument(
+        "--size",
+        default="500x375",
+        help="photos of these WIDTHxHEIGHT sizes (+-1), comma-separated (default: %(default)s)",
+    )
+    decode.add_argument(
+        "--arch", default="resnet50", help="whose preprocessing (default: %(default)s)"
+    )
+    decode.add_argument("--runs", type=int, default=50, help="timed runs per photo")
+    decode.add_argument(
+        "--cifar-accuracy",
+        action="store_true",
+        help="also score the trained CIFAR ResNet-20 on the labeled CIFAR-10 images upscaled to "
+        "JPEGs (64-256 pixels), decoded in full and with --jpeg-dct-scaling",
+    )
+    decode.add_argument(
+        "--cifar-labeled",
+        type=Path,
+        default=Path("../shared/data/cifar10-test/cifar10_test_2000.npz"),
+    )
+    decode.add_argument(
+        "--cifar-checkpoint", type=Path, default=Path("weights/resnet20-12fca82f.th")
+    )
+    decode.add_argument("--out", type=Path, default=DEFAULT_OUT / "decode")
+
     gpu = sub.add_parser(
         "gpu",
         help="everything a GPU host must prove, in one run (make gpu-check)",
@@ -418,11 +451,49 @@ def run_precision_mode(args: argparse.Namespace, command: str, load_at_start: fl
     )
     machine = {**machine_facts(), "load_average_1m_at_start": load_at_start}
     path = precision.write(rows, args.out, machine, command)
+    from .plots import precision_vs_depth
+
+    png = precision_vs_depth(rows, args.out)
     note = busy_note(machine)
     if note:
         print(f"warning: {note}", file=sys.stderr)
     print(precision.table(rows))
-    print(f"\nprecision: wrote {path}, {args.out / precision.RESULTS_MD}")
+    print(f"\nprecision: wrote {path}, {args.out / precision.RESULTS_MD}, {png}")
+    return 0
+
+
+def run_decode_mode(args: argparse.Namespace, command: str) -> int:
+    import json
+
+    from models.registry import get_spec
+
+    from . import decode
+    from .machine import machine_facts
+
+    prep = get_spec(args.arch).preprocessing
+    section: dict[str, Any] = {"command": command, "machine": machine_facts(), "sizes": {}}
+    machine = section["machine"]
+    text = (
+        f"`{command}`: {args.arch} preprocessing, one core of {machine['cpu_model']} "
+        f"({' '.join(machine['cpu_flags'])})\n"
+    )
+    for size in args.size.split(","):
+        width, _, height = size.partition("x")
+        result = decode.run_decode(args.images, prep, (int(width), int(height)), args.runs)
+        section["sizes"][size] = result
+        text += f"\n{len(result['photos'])} JPEG photos of {size}:\n\n{decode.table(result)}\n"
+    if args.cifar_accuracy:
+        section["cifar_upscaled"] = decode.upscaled_cifar_accuracy(
+            args.cifar_labeled, args.cifar_checkpoint
+        )
+        text += (
+            "\nTrained CIFAR ResNet-20 on the CIFAR-10 test images upscaled to JPEGs "
+            f"(quality 90):\n\n{decode.accuracy_table(section['cifar_upscaled'])}\n"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode.json").write_text(json.dumps(section, indent=2) + "\n")
+    (args.out / decode.RESULTS_MD).write_text(text)
+    print(text)
     return 0
 
 
@@ -467,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_gpu_mode(args, command, load_at_start)
         if args.mode == "precision":
             return run_precision_mode(args, command, load_at_start)
+        if args.mode == "decode":
+            return run_decode_mode(args, command)
         section = runners[args.mode](args, command)
         finish(args, section, load_at_start)
     except KeyboardInterrupt:

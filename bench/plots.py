@@ -112,3 +112,54 @@ def throughput_vs_concurrency(http: dict[str, Any], out: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+PRECISION_PNG = "precision_vs_depth.png"
+
+
+def precision_vs_depth(rows: list[dict[str, Any]], out: Path) -> Path:
+    """`bench precision`: per family, latency per batch (from the exporter's images/s) against
+    depth, fp32 solid and the precision `auto` chose dashed, a colour per batch size."""
+    families = [(f, t) for f, t in FAMILIES if any(r["family"] == f for r in rows)]
+    fig, axes = plt.subplots(1, max(len(families), 1), figsize=(6 * max(len(families), 1), 4.5))
+    axes = list(axes) if len(families) > 1 else [axes]
+    for ax, (family, title) in zip(axes, families, strict=False):
+        mine = sorted((r for r in rows if r["family"] == family), key=lambda r: r["depth"])
+        depths = [r["depth"] for r in mine]
+        for color, batch in enumerate(mine[0]["batch_sizes"]):
+            key = str(batch)
+            for field, style, label in (
+                ("fp32_images_per_s", "-", "fp32"),
+                ("chosen_images_per_s", "--", "auto"),
+            ):
+                ms = [1e3 * batch / r[field][key] for r in mine]
+                ax.plot(
+                    depths,
+                    ms,
+                    linestyle=style,
+                    marker="o",
+                    color=f"C{color}",
+                    label=f"{label}, batch {batch}",
+                )
+        for r in mine:
+            ax.annotate(
+                r["chosen"],
+                (r["depth"], 1e3 / r["chosen_images_per_s"]["1"]),
+                fontsize=6,
+                rotation=30,
+                alpha=0.7,
+            )
+        ax.set_xticks(depths)
+        ax.set_yscale("log")
+        _plain_log_ticks(ax)
+        ax.set_xlabel("depth (weighted layers)")
+        ax.set_ylabel("latency per batch, median ms")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("fp32 against the precision --precision auto chose (labels)", fontsize=11)
+    fig.tight_layout()
+    path = out / PRECISION_PNG
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -301,6 +301,9 @@ def _gate(
         engine=candidate.engine,
     )
     gate["device"] = reduced.provider  # where the reduced graph's arithmetic was judged
+    kernels = getattr(reduced, "kernel_precisions", None)
+    if kernels:  # OpenVINO: the precision its compute layers were compiled to on this CPU
+        gate["kernel_precisions"] = kernels
     return reduced, gate
 
 
@@ -329,7 +332,8 @@ def _choose_precision(
     has_calibration = request.calibration_images is not None
     rows: list[dict[str, Any]] = []
     built: list[tuple[Path, dict[str, Any] | None]] = []
-    for candidate in CANDIDATES:
+    engines: dict[str, Engine] = {}
+    for candidate in CANDIDATES:  # build and gate every candidate first
         row: dict[str, Any] = {"precision": candidate.precision, "engine": candidate.engine}
         rows.append(row)
         built.append((graph, None))
@@ -337,28 +341,30 @@ def _choose_precision(
         if reason is not None:
             row.update(status="unavailable", reason=reason)
             continue
+        if candidate.precision == "fp32":
+            engines[candidate.key] = fp32
+            row.update(status="passed", reason=None, gate=None)
+            continue
         try:
-            if candidate.precision == "fp32":
-                served, engine, gate = graph, fp32, None
-            else:
-                served = reduced_graph(candidate, graph, tmp, request.calibration_images)
-                engine, gate = _gate(request, spec, labels, candidate, served, fp32, data)
-            speed = images_per_second(engine, data.agreement_images, batch_sizes)
+            served = reduced_graph(candidate, graph, tmp, request.calibration_images)
+            engine, gate = _gate(request, spec, labels, candidate, served, fp32, data)
         except Exception as exc:  # recorded in the comparison; the other candidates go on
-            if candidate.precision == "fp32":
-                raise
             text = str(exc).strip().splitlines()
             row.update(status="error", reason=text[0] if text else type(exc).__name__)
             continue
-        passed = gate is None or gate["passed"]
+        engines[candidate.key] = engine
+        built[-1] = (served, gate)
+        passed = bool(gate["passed"])
         row.update(
             status="passed" if passed else "failed_gate",
-            reason=None if passed else gate_failure(gate or {}),
+            reason=None if passed else gate_failure(gate),
             gate=gate,
-            images_per_s=speed,
-            score=score(speed),
         )
-        built[-1] = (served, gate)
+    # Then measure them, taking turns, on the same real images.
+    speeds = images_per_second(engines, data.agreement_images, batch_sizes)
+    for candidate, row in zip(CANDIDATES, rows, strict=True):
+        if candidate.key in speeds:
+            row.update(images_per_s=speeds[candidate.key], score=score(speeds[candidate.key]))
     best = choose(rows)
     rows[best]["status"] = "chosen"
     chosen = CANDIDATES[best]

@@ -291,27 +291,33 @@ def measure_batch_sizes(max_batch_size: int) -> list[int]:
 
 
 def images_per_second(
-    engine: Engine,
+    engines: dict[str, Engine],
     images: np.ndarray,
     batch_sizes: Sequence[int],
     *,
     min_seconds: float = 1.0,
     min_runs: int = 3,
-) -> dict[str, float]:
-    """Median images/s of `engine` at each batch size, on batches cut from real `images`
-    (repeated as needed), after one warm-up run; each size runs >= min_runs times and
-    >= min_seconds."""
-    result = {}
+) -> dict[str, dict[str, float]]:
+    """Median images/s of each engine at each batch size, on batches cut from real `images`
+    (repeated as needed). The engines take turns run by run (after one warm-up run each), so a
+    change in the machine's load falls on all of them alike rather than on whichever ran then;
+    each runs >= min_runs times and >= min_seconds per batch size."""
+    result: dict[str, dict[str, float]] = {key: {} for key in engines}
     for size in batch_sizes:
         batch = np.ascontiguousarray(np.resize(images, (size, *images.shape[1:])))
-        engine.run(batch)
-        times: list[float] = []
-        start = time.perf_counter()
-        while len(times) < min_runs or time.perf_counter() - start < min_seconds:
-            began = time.perf_counter()
+        times: dict[str, list[float]] = {key: [] for key in engines}
+        for engine in engines.values():
             engine.run(batch)
-            times.append(time.perf_counter() - began)
-        result[str(size)] = round(size / float(np.median(times)), 2)
+        spent = 0.0
+        while min(map(len, times.values())) < min_runs or spent < min_seconds * len(engines):
+            for key, engine in engines.items():
+                began = time.perf_counter()
+                engine.run(batch)
+                elapsed = time.perf_counter() - began
+                times[key].append(elapsed)
+                spent += elapsed
+        for key, runs in times.items():
+            result[key][str(size)] = round(size / float(np.median(runs)), 2)
     return result
 
 

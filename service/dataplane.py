@@ -41,7 +41,9 @@ class DataPlane(ModelLifecycle):
         self, settings: Settings, metrics: Metrics, *, on_fatal: Callable[[], None] | None = None
     ) -> None:
         super().__init__(settings, metrics, on_fatal=on_fatal)
-        self.preprocess_into = image_preprocessor(settings.jpeg_decoder)
+        self.preprocess_into = image_preprocessor(
+            settings.jpeg_decoder, dct_scaling=settings.jpeg_dct_scaling
+        )
 
     @asynccontextmanager
     async def request(

@@ -11,6 +11,7 @@ error a bad image gets.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable
 from typing import Any
@@ -28,10 +29,11 @@ JPEG_DECODERS = ("pillow", "nvimgcodec")
 Preprocess = Callable[..., None]
 
 
-def image_preprocessor(decoder: str) -> Preprocess:
-    """`preprocess_into` for the `jpeg_decoder` setting; refuses at start-up what cannot run."""
+def image_preprocessor(decoder: str, *, dct_scaling: bool = False) -> Preprocess:
+    """`preprocess_into` for the `jpeg_decoder` and `jpeg_dct_scaling` settings; refuses at
+    start-up what cannot run."""
     if decoder == "pillow":
-        return preprocess_into
+        return functools.partial(preprocess_into, dct_scaling=dct_scaling)
     if decoder == "nvimgcodec":
         return NvImageCodecPreprocessor()
     raise EngineError(f"jpeg_decoder must be one of {JPEG_DECODERS}, not {decoder!r}")

@@ -81,6 +81,7 @@ class OpenVINOEngine:
         self._outputs = [names[n] for n in output_names]
         self._request = self.compiled.create_infer_request()
         self.input_name, self.output_names = input_name, list(output_names)
+        self.kernel_precisions = _kernel_precisions(self.compiled)
         self.provider = f"OpenVINO CPU ({precision})"
         self.providers = [self.provider]
         self.io_binding = False
@@ -91,3 +92,22 @@ class OpenVINOEngine:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         results = self._request.infer({self.input_name: batch})
         return [np.array(results[output], dtype=np.float32) for output in self._outputs]
+
+
+# The layers that carry a ResNet's arithmetic, in OpenVINO's compiled (runtime) graph.
+_COMPUTE_LAYERS = ("Convolution", "FullyConnected", "MatMul")
+
+
+def _kernel_precisions(compiled: object) -> dict[str, int]:
+    """How many convolution / fully connected layers run in each precision, as compiled for this
+    CPU (e.g. {"u8": 54} for a quantized ResNet-50, {"bf16": 54} under a bf16 hint): what the
+    engine really runs, which the precision asked for does not prove."""
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():  # type: ignore[attr-defined]
+        info = op.get_rt_info()
+        if "layerType" not in info or "runtimePrecision" not in info:
+            continue
+        if info["layerType"].astype(str) in _COMPUTE_LAYERS:
+            precision = info["runtimePrecision"].astype(str)
+            counts[precision] = counts.get(precision, 0) + 1
+    return dict(sorted(counts.items()))

@@ -24,6 +24,8 @@ from bench.preset import ensure_preset
 from bench.stats import summarize
 from export.exporter import ExportRequest, export_model
 
+from .conftest import PHOTOS, require
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "cifar_resnet20"
 
@@ -198,9 +200,15 @@ def test_vs_engine_compares_the_same_graph_only() -> None:
         "model_info": {"model_sha256": "x"},
         "closed": [{"concurrency": 32, "images_per_s": 90.0}],
     }
-    row = {"model": "m", "batch_size": 32, "with_preprocessing": {"images_per_s": 100.0}}
+    row = {
+        "model": "m",
+        "batch_size": 32,
+        "with_preprocessing": {"images_per_s": 100.0},
+        "onnxruntime": {"images_per_s": 112.5},
+    }
     engine = {"rows": [{**row, "model_sha256": "x"}]}
     assert vs_engine(http, engine, "m")["ratio"] == pytest.approx(0.9)
+    assert vs_engine(http, engine, "m")["ratio_engine_only"] == pytest.approx(0.8)
     assert vs_engine(http, {"rows": [{**row, "model_sha256": "y"}]}, "m") is None
     assert vs_engine(http, engine, "other") is None
 
@@ -209,3 +217,21 @@ def test_a_busy_start_is_flagged() -> None:
     assert busy_note({"cores": 2, "load_average_1m_at_start": 0.4}) is None
     assert "busy" in str(busy_note({"cores": 2, "load_average_1m_at_start": 1.6}))
     assert busy_note({"cores": 2, "load_average_1m_at_start": None}) is None
+
+
+def test_decode_mode_times_every_path_and_judges_exactness(tmp_path: Path) -> None:
+    argv = ["decode", "--images", str(require(PHOTOS)), "--runs", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    section = json.loads((tmp_path / "decode.json").read_text())["sizes"]["500x375"]
+    assert len(section["photos"]) >= 5  # the 500x375 (and 500x374) photos
+    rows = {r["path"]: r for r in section["rows"]}
+    reference = rows["torchvision's order: Pillow decode, resize all, crop"]
+    assert reference["exact"] is True  # against itself
+    service = rows["the service: Pillow decode, crop-box resize"]
+    assert service["max_abs_diff"] <= 1 / 255 / 0.224 + 1e-6  # one 8-bit level at most
+    # libjpeg-turbo behind both decoders: the same pixels, so the same model input.
+    assert rows["simplejpeg decode, crop-box resize"]["max_abs_diff"] == service["max_abs_diff"]
+    # 500x375 is too small for 1/2 scale: DCT scaling leaves it as it is.
+    assert rows["the service with --jpeg-dct-scaling"]["max_abs_diff"] == service["max_abs_diff"]
+    assert all(r["ms_per_image"] > 0 for r in rows.values())
+    assert "| the service: Pillow decode, crop-box resize |" in (tmp_path / "decode.md").read_text()

@@ -76,6 +76,9 @@ def test_auto_serves_the_fastest_candidate_that_passed(
             gate = row["gate"]
             assert gate["labeled"]["images"] == 2000 and gate["agreement"]["images"] == 2000
             assert gate["passed"] == (row["status"] != "failed_gate")
+    # What OpenVINO really runs: its compiled convolutions are int8, none fell back to f32/bf16.
+    kernels = rows["int8-openvino"]["gate"]["kernel_precisions"]
+    assert set(kernels) <= {"u8", "i8"} and sum(kernels.values()) == 20  # 19 convs + the FC
     chosen = [k for k, r in rows.items() if r["status"] == "chosen"]
     assert chosen == [choice["chosen"]]
     best = rows[choice["chosen"]]
@@ -171,3 +174,21 @@ def test_the_cli_prints_the_comparison(tmp_path: Path, capsys: pytest.CaptureFix
     assert "int8 needs calibration images" in out
     assert "fp32-onnxruntime  chosen" in out
     assert (tmp_path / "picked" / "1" / "model.onnx").is_file()
+
+
+def test_bench_precision_tabulates_the_comparison(
+    auto_export: ExportResult, tmp_path: Path
+) -> None:
+    from bench.plots import precision_vs_depth
+    from bench.precision import summary_row, table
+
+    row = summary_row(auto_export.metadata, export_s=1.0, reused=False)
+    choice = auto_export.metadata["precision_choice"]
+    assert row["chosen"] == choice["chosen"] and row["depth"] == 20
+    fp32 = row["fp32_images_per_s"]
+    assert row["speedup"] == {b: row["chosen_images_per_s"][b] / fp32[b] for b in fp32}
+    text = table([row])
+    assert f"| cifar_resnet20_auto | 20 | {choice['chosen']} |" in text
+    assert "bf16-openvino" in text and "fp32-onnxruntime" in text
+    png = precision_vs_depth([row], tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
