@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .grpc_client import grpc_payloads
 from .launcher import Service
 from .load import LoadSpec, build_payloads, closed_loop, image_groups, open_loop, warm_up
+from .machine import pinned
 from .report import load_results
 
 # What GET /models tells about the served model that the results should keep.
@@ -67,20 +68,6 @@ def target(options: HttpOptions, out: Path) -> Iterator[tuple[str, str | None]]:
     with service, pinned(options.client_cpus):
         service.wait_ready(options.service_ready_timeout_s)
         yield service.url, f"{service.host}:{service.grpc_port}"
-
-
-@contextlib.contextmanager
-def pinned(cpus: tuple[int, ...] | None) -> Iterator[None]:
-    """This thread (the load generator's event loop, and any process it starts) on `cpus`."""
-    if not cpus:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 def split_cpus(client_cores: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

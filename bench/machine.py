@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from service.host import cpu_flags, cpu_model, usable_cores
@@ -77,3 +79,18 @@ def busy_note(machine: dict[str, Any]) -> str | None:
         f"the machine was busy when the run started (1-minute load {load:.2f} on {cores} "
         "cores): other work shared the cores, so these figures are noisy"
     )
+
+
+@contextlib.contextmanager
+def pinned(cpus: tuple[int, ...] | None) -> Iterator[None]:
+    """This thread (and any process it starts) on `cpus` meanwhile, then back on the cores it had
+    (bench http's load generator and service, bench decode's single core)."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)

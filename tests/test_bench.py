@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +222,9 @@ def test_a_busy_start_is_flagged() -> None:
 
 def test_decode_mode_times_every_path_and_judges_exactness(tmp_path: Path) -> None:
     argv = ["decode", "--images", str(require(PHOTOS)), "--runs", "2", "--out", str(tmp_path)]
+    cores = os.sched_getaffinity(0)
     assert main(argv) == 0
+    assert os.sched_getaffinity(0) == cores  # measured on one core, then given back
     section = json.loads((tmp_path / "decode.json").read_text())["sizes"]["500x375"]
     assert len(section["photos"]) >= 5  # the 500x375 (and 500x374) photos
     rows = {r["path"]: r for r in section["rows"]}
