@@ -262,6 +262,30 @@ def export_all(options: GpuCheckOptions, repo: Path, precision: str) -> dict[str
     return {"precision": precision, "models": rows}
 
 
+def export_auto(options: GpuCheckOptions, repo: Path) -> dict[str, Any]:
+    """`--precision auto` for the HTTP model on this GPU host: which candidate wins here (fp16 on
+    CUDA is one), with every candidate's gate and images/s."""
+    from export.calibration import load_calibration
+    from export.exporter import ExportRequest, export_model
+    from models.registry import get_spec
+
+    spec = get_spec(options.http_model)
+    result = export_model(
+        ExportRequest(
+            arch=options.http_model,
+            weights=f"random:{options.seed}",
+            out=repo,
+            max_batch_size=max(options.batch_sizes),
+            skip_if_same_weights=True,
+            precision="auto",
+            calibration_images=load_calibration(options.images, spec.preprocessing, 64),
+            gate_images=options.images,
+        )
+    )
+    choice = result.metadata["precision_choice"]
+    return {"model": result.name, "chosen": choice["chosen"], "candidates": choice["candidates"]}
+
+
 def torch_on_cuda() -> bool:
     """Whether this torch build can run the PyTorch eager reference on the same GPU."""
     import torch
@@ -427,6 +451,9 @@ def run_gpu_check(options: GpuCheckOptions) -> tuple[dict[str, Any], list[str]]:
             required=False,
             min_s=90,
         )
+        results["export_auto"] = steps.run(
+            "export_auto", lambda: export_auto(options, repo), required=False, min_s=120
+        )
         # Last: building TensorRT engines can take minutes; a cache from an earlier run helps.
         results["tensorrt"] = steps.run(
             "tensorrt", lambda: variant_tensorrt(options, repo), required=False, min_s=120
@@ -511,6 +538,19 @@ def render_markdown(results: dict[str, Any], failed: list[str]) -> str:
     lines += ["## Variant: TensorRT (ResNet-50)", "", *_engine_md(results.get("tensorrt"))]
     lines += ["## Variant: nvImageCodec JPEG decoding over HTTP", ""]
     lines += _http_md(results.get("http_nvimgcodec"))
+    auto = results.get("export_auto")
+    lines += ["## --precision auto (ResNet-50) on this host", ""]
+    if auto:
+        lines += [f"Chosen: {auto['chosen']}.", "", "| candidate | status | images/s | reason |"]
+        lines += ["|---|---|---|---|"]
+        for c in auto["candidates"]:
+            speed = " / ".join(f"{v:.1f}" for v in (c.get("images_per_s") or {}).values()) or "-"
+            lines.append(
+                f"| {c['precision']}-{c['engine']} | {c['status']} | {speed} | "
+                f"{c.get('reason') or ''} |"
+            )
+    else:
+        lines += ["Not run."]
     return "\n".join(lines)
 
 
