@@ -1,6 +1,6 @@
 """`bench engine`: onnxruntime latency per model and batch size, in process.
 
-Inference goes through `service.serving.open_entry`, configured from the service's own
+Inference goes through `service.lifecycle.open_entry`, configured from the service's own
 `Settings` (same engine per model, session options, threads, spinning, providers, IO binding on
 CUDA), so the figures are the service's ceiling. With a PyTorch reference, the two run
 alternately within each iteration (the order flips every iteration), so drifting machine load
@@ -22,8 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from service.engine import EngineConfig, session_options
+from service.lifecycle import open_entry
 from service.repository import ModelEntry, scan_repository
-from service.serving import open_entry
 from service.settings import Settings
 
 from .stats import summarize
