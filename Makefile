@@ -65,6 +65,7 @@ bench-resnet50: venv
 bench-precision: venv
 	$(BIN)/python -m bench precision --weights-dir $(WEIGHTS) --images $(PHOTOS) \
 		--out bench-results/precision
+	cp bench-results/precision/precision_vs_depth.png docs/precision_vs_depth.png
 
 # README "Image decoding": per photo (500x375, 2400x1600) on one core, and CIFAR accuracy on
 # upscaled JPEGs decoded in full and with DCT scaling.

@@ -155,7 +155,49 @@ def _differences(metadata: dict[str, Any], key: dict[str, Any]) -> list[str]:
     return differences
 
 
+@dataclass(frozen=True)
+class Plan:
+    """An export decided before any work: the request checked, and what it will be called."""
+
+    request: ExportRequest
+    spec: ArchSpec
+    name: str
+    labels: list[str]
+    out: Path
+    existing: list[int]  # versions of `name` already in `out`
+
+
+@dataclass(frozen=True)
+class Verified:
+    """What parity and the precision gate (or `auto`'s comparison) proved, in a temporary
+    directory: the graph to serve and the reports that go into metadata.json."""
+
+    served: Path
+    candidate: Candidate
+    parity: Report
+    gate: dict[str, Any] | None
+    choice: PrecisionChoice | None
+
+
 def export_model(request: ExportRequest) -> ExportResult:
+    """plan (check the request) -> load the weights -> keep an equal latest version, or verify
+    (trace, parity, precision) in a temporary directory -> write the version atomically."""
+    plan = make_plan(request)
+    model, weights = load_model(plan.spec, request.weights, mirror=request.pretrained_mirror)
+    kept = _kept_version(plan, weights.sha256)
+    if kept is not None:
+        return kept
+    version = request.version or (plan.existing[-1] + 1 if plan.existing else 1)
+    with tempfile.TemporaryDirectory(prefix="resnet-export-") as tmp:
+        verified = verify(plan, model, Path(tmp))
+        metadata = describe(plan, version, Weights(**weights.to_dict()), verified)
+        target = repository.write_version(plan.out, metadata, verified.served)
+    triton.write_model_config(plan.out, plan.name)
+    return ExportResult(plan.name, version, target, False, metadata.model_dump(mode="json"))
+
+
+def make_plan(request: ExportRequest) -> Plan:
+    """Every check that needs no weights, so a bad request fails before anything is loaded."""
     try:
         spec = resolve_spec(request.arch, request.num_classes)
     except KeyError as exc:
@@ -178,86 +220,98 @@ def export_model(request: ExportRequest) -> ExportResult:
     existing = repository.versions(out, name)
     if request.version is not None and request.version in existing:
         raise ExportError(f"{out / name / str(request.version)} already exists")
+    return Plan(request, spec, name, labels, out, existing)
 
-    model, weights = load_model(spec, request.weights, mirror=request.pretrained_mirror)
-    if request.skip_if_same_weights and existing:
-        latest = repository.read_metadata(out / name / str(existing[-1]))
-        key = _skip_key(request, spec, labels, weights.sha256)
-        if not _differences(latest.model_dump(mode="json"), key):
-            triton.write_model_config(out, name)  # repositories exported before it existed
-            path = out / name / str(existing[-1])
-            return ExportResult(name, existing[-1], path, True, latest.model_dump(mode="json"))
-    version = request.version or (existing[-1] + 1 if existing else 1)
 
-    batch_sizes = parity_batch_sizes(request.max_batch_size)
-    with tempfile.TemporaryDirectory(prefix="resnet-export-") as tmp:
-        graph = Path(tmp) / "model.onnx"
-        export_onnx(model, spec.input_size, graph)
-        fp32 = open_engine(graph, "fp32", spec.input_size)  # what the service will run
-        report = check_parity(
-            model,
-            fp32,
-            spec.input_size,
-            batch_sizes=batch_sizes,
-            tolerances=request.tolerances,
-            seed=request.seed,
-            images=request.calibration_images,
-            images_source=request.calibration_source,
-            max_batch=request.max_batch_size,
+def _kept_version(plan: Plan, weights_sha256: str) -> ExportResult | None:
+    """The latest version, when asked to skip and it was made from the same weights and
+    settings (`_skip_key`)."""
+    if not (plan.request.skip_if_same_weights and plan.existing):
+        return None
+    path = plan.out / plan.name / str(plan.existing[-1])
+    latest = repository.read_metadata(path).model_dump(mode="json")
+    key = _skip_key(plan.request, plan.spec, plan.labels, weights_sha256)
+    if _differences(latest, key):
+        return None
+    triton.write_model_config(plan.out, plan.name)  # repositories exported before it existed
+    return ExportResult(plan.name, plan.existing[-1], path, True, latest)
+
+
+def verify(plan: Plan, model: torch.nn.Module, tmp: Path) -> Verified:
+    """Trace into `tmp`, prove parity with PyTorch on the engine the service will run, then make
+    and gate the requested precision (or choose one); raises ExportError when a gate fails."""
+    request, spec = plan.request, plan.spec
+    graph = tmp / "model.onnx"
+    export_onnx(model, spec.input_size, graph)
+    fp32 = open_engine(graph, "fp32", spec.input_size)  # what the service will run
+    report = check_parity(
+        model,
+        fp32,
+        spec.input_size,
+        batch_sizes=parity_batch_sizes(request.max_batch_size),
+        tolerances=request.tolerances,
+        seed=request.seed,
+        images=request.calibration_images,
+        images_source=request.calibration_source,
+        max_batch=request.max_batch_size,
+    )
+    if not report.passed:
+        raise ExportError("parity failed: " + "; ".join(report.failures()))
+    parity = Report(**report.to_dict(), device=fp32.provider)
+    if request.precision == "auto":
+        served, candidate, gate, choice = _choose_precision(
+            request, spec, plan.labels, graph, fp32, tmp
         )
-        if not report.passed:
-            raise ExportError("parity failed: " + "; ".join(report.failures()))
-        served, gate, choice = graph, None, None
-        if request.precision == "auto":
-            served, candidate, gate, choice = _choose_precision(
-                request, spec, labels, graph, fp32, Path(tmp)
-            )
-        else:
-            candidate = Candidate.of(request.precision)
-            if reduced:
-                served, gate = _reduce_precision(request, spec, labels, graph, fp32, Path(tmp))
-        params, macs = complexity(spec)
-        metadata = ModelMetadata(
-            name=name,
-            version=version,
-            arch=spec.name,
-            family=spec.family,
-            depth=spec.depth,
-            block=spec.block,
-            preact=spec.preact,
-            plain=spec.plain,
-            shortcut=spec.shortcut.value,
-            created_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            model_sha256=sha256_file(served),
-            precision=candidate.precision,
-            engine=candidate.engine,
-            input=TensorSpec(name=INPUT_NAME, shape=[None, *spec.input_size]),
-            outputs=Outputs(
-                logits=TensorSpec(name=OUTPUT_NAMES[0], shape=[None, spec.num_classes]),
-                embedding=TensorSpec(name=OUTPUT_NAMES[1], shape=[None, spec.embedding_dim]),
-            ),
-            num_classes=spec.num_classes,
-            embedding_dim=spec.embedding_dim,
-            labels=labels,
-            preprocessing=spec.preprocessing,
-            weights=Weights(**weights.to_dict()),
-            params=params,
-            macs=macs,
-            max_batch_size=request.max_batch_size,
-            parity=Report(**report.to_dict(), device=fp32.provider),
-            precision_gate=Report(**gate) if gate is not None else None,
-            precision_choice=choice,
-            export={
-                "exporter": EXPORTER,
-                "opset": OPSET,
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__,
-            },
-        )
-        target = repository.write_version(out, metadata, served)
-    triton.write_model_config(out, name)
-    return ExportResult(name, version, target, False, metadata.model_dump(mode="json"))
+        return Verified(served, candidate, parity, gate, choice)
+    if request.precision == "fp32":
+        return Verified(graph, Candidate.of("fp32"), parity, None, None)
+    served, gate = _reduce_precision(request, spec, plan.labels, graph, fp32, tmp)
+    return Verified(served, Candidate.of(request.precision), parity, gate, None)
+
+
+def describe(plan: Plan, version: int, weights: Weights, verified: Verified) -> ModelMetadata:
+    """metadata.json for the verified graph."""
+    spec = plan.spec
+    params, macs = complexity(spec)
+    gate = verified.gate
+    return ModelMetadata(
+        name=plan.name,
+        version=version,
+        arch=spec.name,
+        family=spec.family,
+        depth=spec.depth,
+        block=spec.block,
+        preact=spec.preact,
+        plain=spec.plain,
+        shortcut=spec.shortcut.value,
+        created_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        model_sha256=sha256_file(verified.served),
+        precision=verified.candidate.precision,
+        engine=verified.candidate.engine,
+        input=TensorSpec(name=INPUT_NAME, shape=[None, *spec.input_size]),
+        outputs=Outputs(
+            logits=TensorSpec(name=OUTPUT_NAMES[0], shape=[None, spec.num_classes]),
+            embedding=TensorSpec(name=OUTPUT_NAMES[1], shape=[None, spec.embedding_dim]),
+        ),
+        num_classes=spec.num_classes,
+        embedding_dim=spec.embedding_dim,
+        labels=plan.labels,
+        preprocessing=spec.preprocessing,
+        weights=weights,
+        params=params,
+        macs=macs,
+        max_batch_size=plan.request.max_batch_size,
+        parity=verified.parity,
+        precision_gate=Report(**gate) if gate is not None else None,
+        precision_choice=verified.choice,
+        export={
+            "exporter": EXPORTER,
+            "opset": OPSET,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+    )
 
 
 def _reduce_precision(
