@@ -76,6 +76,11 @@ def test_protocol_abuse_without_a_token_never_gets_past_the_door(
     for case in protocol_cases(service, "tiny", TIMEOUT_S, MAX_REQUEST_BYTES):
         outcome = asyncio.run(run_case(service, case, timeout_s=TIMEOUT_S + 30))
         allowed = {*case.allowed, 401} - {200}
-        if outcome.status not in allowed or client.get("/healthz").status_code != 200:
+        # A large body refused unread: the 401 and the close can reach the client while it is
+        # still writing, which it sees as a reset. The door held either way.
+        reset = outcome.status is None and "ConnectionResetError" in str(outcome.error)
+        if (outcome.status not in allowed and not reset) or client.get(
+            "/healthz"
+        ).status_code != 200:
             failed.append((case.name, outcome.status, outcome.error))
     assert not failed, failed
