@@ -8,14 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from bench.launcher import Service
+from bench.launcher import Service, poll_until
 
 from .reliability import judge
 from .reliability.graphs import tiny_graph, write_entry, write_tiny
@@ -77,10 +76,8 @@ def test_explicit_load_swaps_under_load_and_refuses_broken_versions(tmp_path: Pa
         result = swap_under_load(service, "tiny", load, new_version=2)
         assert_clean_swap(result, 1, 2)
         assert result["trigger_result"] == 2
-        deadline = time.monotonic() + 30
-        while "model tiny: version 1 released" not in service.log():  # once its last answer left
-            assert time.monotonic() < deadline, service.log()
-            time.sleep(0.02)
+        released = "model tiny: version 1 released"  # once its last answer has left
+        poll_until(lambda: released in service.log(), 30, released)
 
         for version, warm_fails in ((3, False), (4, True)):
             write_broken(repo, version, warm_fails=warm_fails)
@@ -119,7 +116,9 @@ def test_poll_swaps_a_new_version_under_load(tmp_path: Path) -> None:
     with Service(repo, tmp_path / "server.log", *flags) as service:
         service.wait_ready()
         write_broken(repo, 2, warm_fails=False)  # refused once, logged, never retried
-        service.wait_metric("resnet_serve_ready", lambda v: v == 1)
+        # The event this test depends on: a poll saw version 2 alone and refused it. Writing
+        # version 3 before that would let one poll see both and load only the highest.
+        poll_until(lambda: "version 2 refused" in service.log(), 30, "version 2 refused")
         result = swap_under_load(
             service, "tiny", lambda: write_version_atomically(repo, "tiny", 3, seed=2),
             new_version=3,
