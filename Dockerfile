@@ -63,7 +63,9 @@ COPY --from=requirements /app/serve-${RUNTIME}.txt /tmp/requirements.txt
 RUN pip install -c docker/constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt \
     && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
-COPY models/ models/
+# The serving layers only (README "Architecture"): no torch code, not even the model classes.
+COPY contract/ contract/
+COPY runtime/ runtime/
 COPY service/ service/
 COPY docker/serve-entrypoint.sh docker/healthcheck.py docker/
 # What the NVIDIA container toolkit mounts into the container: CUDA compute and nvidia-smi.
@@ -91,8 +93,9 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c docker/constraints.txt
 COPY --from=requirements /app/export.txt /tmp/requirements.txt
 RUN pip install -c docker/constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
+COPY contract/ contract/
+COPY runtime/ runtime/
 COPY models/ models/
-COPY service/ service/
 COPY export/ export/
 COPY docker/export-entrypoint.sh docker/
 ENV RESNET_SERVE_MODEL_REPOSITORY=/models \

@@ -27,9 +27,12 @@ export: venv
 serve: export
 	$(BIN)/python -m service --model-repository $(REPO) --host $(HOST) --port $(PORT)
 
+# ruff, then the import-linter contracts of pyproject.toml (the floor plan of README
+# "Architecture").
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from models.preprocessing import Preprocessing
-from service.preprocess import (
-    image_files,
+from contract.preprocessing import Preprocessing
+from runtime.image_files import image_files
+from runtime.preprocess import (
     normalize_into,
     preprocess_into,
     resize_all_then_crop,
@@ -166,7 +166,8 @@ def upscaled_cifar_accuracy(
 
     from export.exporter import ExportRequest, export_model
     from models.registry import get_spec
-    from service.engine import EngineConfig, OrtEngine
+    from runtime.engines import EngineConfig
+    from runtime.engines.onnxruntime_engine import OrtEngine
 
     prep = get_spec("cifar_resnet20").preprocessing
     with np.load(labeled) as data:

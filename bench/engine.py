@@ -21,12 +21,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from service.engine import EngineConfig, session_options
-from service.lifecycle import open_entry
-from service.repository import ModelEntry, scan_repository
-from service.settings import Settings
-
-from .stats import summarize
+from contract.repository import ModelEntry, scan_repository
+from runtime.engines import EngineConfig, open_entry
+from runtime.engines.onnxruntime_engine import session_options
+from service.core.settings import Settings
+from tests.support.stats import summarize
 
 Runner = Callable[[], Any]
 # Targets of the benchmark issue: onnxruntime speed-up over PyTorch eager per batch size.
@@ -61,7 +60,7 @@ class EngineOptions:
 def service_config(repository: Path, overrides: dict[str, Any]) -> tuple[EngineConfig, Settings]:
     """The Settings the service would read (RESNET_SERVE_* included) and its EngineConfig."""
     settings = Settings(model_repository=repository, **overrides)
-    return EngineConfig.from_settings(settings), settings
+    return settings.engine_config(), settings
 
 
 def time_interleaved(

@@ -72,7 +72,7 @@ def require_cuda() -> list[str]:
             "gpu-check needs an NVIDIA GPU and onnxruntime-gpu (pip install -e '.[gpu,export,"
             "bench]', without the CPU onnxruntime)"
         )
-    from service.engine import cuda_devices
+    from runtime.engines.providers import cuda_devices
 
     devices, reason = cuda_devices()
     if not devices:
@@ -147,7 +147,8 @@ def prove_cuda_session(workdir: Path) -> dict[str, Any]:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from service.engine import CPU, EngineConfig, OrtEngine
+    from runtime.engines import CPU, EngineConfig
+    from runtime.engines.onnxruntime_engine import OrtEngine
 
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3), dtype=np.float32), "w")
@@ -195,9 +196,8 @@ def prove_cuda(repo: Path, model: str) -> dict[str, Any]:
     outputs match the CPU provider's on the same batch."""
     import numpy as np
 
-    from service.engine import EngineConfig
-    from service.lifecycle import open_entry
-    from service.repository import scan_repository
+    from contract.repository import scan_repository
+    from runtime.engines import EngineConfig, open_entry
 
     entry = scan_repository(repo)[model]
     gpu = open_entry(

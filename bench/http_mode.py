@@ -14,9 +14,17 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from .grpc_client import grpc_payloads
-from .launcher import Service
-from .load import LoadSpec, build_payloads, closed_loop, image_groups, open_loop, warm_up
+from tests.support.grpc_client import grpc_payloads
+from tests.support.launcher import Service
+from tests.support.load import (
+    LoadSpec,
+    build_payloads,
+    closed_loop,
+    image_groups,
+    open_loop,
+    warm_up,
+)
+
 from .machine import pinned
 from .report import load_results
 

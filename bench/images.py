@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.preprocessing import Preprocessing
-from service.preprocess import image_files, preprocess_into
-from service.settings import Settings
+from contract.preprocessing import Preprocessing
+from runtime.image_files import image_files
+from runtime.preprocess import preprocess_into
+from service.core.settings import Settings
 
 MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default
 

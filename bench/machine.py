@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from service.host import cpu_flags, cpu_model, usable_cores
+from contract.cpu import cpu_flags, cpu_model, usable_cores
 
 _LIBRARIES = ("onnxruntime", "numpy", "torch", "PIL", "httpx")
 

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from contract.repository import ModelMetadata
 from export.exporter import resolve_spec
 from export.weights import load_model
 from models.resnet import WithEmbedding
-from service.repository import ModelMetadata
 
 
 class WeightsMismatchError(RuntimeError):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from models.preprocessing import Preprocessing
+from contract.preprocessing import Preprocessing
 from models.registry import PAPER_SET, get_spec
 
 from .exporter import DEFAULT_MAX_BATCH_SIZE, PRECISION_CHOICES, ExportRequest, export_model

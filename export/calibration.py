@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models.preprocessing import Preprocessing
-from service.preprocess import image_files, normalize_into, preprocess_into, resize_and_crop
+from contract.preprocessing import Preprocessing
+from runtime.image_files import image_files
+from runtime.preprocess import normalize_into, preprocess_into, resize_and_crop
 
 MAX_PIXELS = 1 << 28  # calibration images are the operator's own files
 

@@ -18,13 +18,19 @@ import onnx
 import onnxruntime
 import torch
 
-from models.hashing import sha256_file
+from contract import defaults, repository
+from contract.cpu import host_facts
+from contract.hashing import sha256_file
+from contract.repository import (
+    GateReport,
+    ModelMetadata,
+    OutputSpecs,
+    PrecisionChoice,
+    TensorSpec,
+    Weights,
+)
 from models.registry import ArchSpec, complexity, get_spec
-from service import repository
-from service.engine import Engine
-from service.host import host_facts
-from service.repository import ModelMetadata, Outputs, PrecisionChoice, Report, TensorSpec, Weights
-from service.settings import Settings
+from runtime.engines import Engine
 
 from . import triton
 from .onnx_export import EXPORTER, INPUT_NAME, OPSET, OUTPUT_NAMES, export_onnx
@@ -51,7 +57,7 @@ from .weights import load_model
 PRECISION_CHOICES: tuple[str, ...] = (*PRECISIONS, "auto")
 
 # The largest batch the service forms by default: what the parity gate verifies by default.
-DEFAULT_MAX_BATCH_SIZE: int = Settings.model_fields["max_batch_size"].default
+DEFAULT_MAX_BATCH_SIZE: int = defaults.MAX_BATCH_SIZE
 
 
 class ExportError(RuntimeError):
@@ -174,7 +180,7 @@ class Verified:
 
     served: Path
     candidate: Candidate
-    parity: Report
+    parity: GateReport
     gate: dict[str, Any] | None
     choice: PrecisionChoice | None
 
@@ -257,7 +263,7 @@ def verify(plan: Plan, model: torch.nn.Module, tmp: Path) -> Verified:
     )
     if not report.passed:
         raise ExportError("parity failed: " + "; ".join(report.failures()))
-    parity = Report(**report.to_dict(), device=fp32.provider)
+    parity = GateReport(**report.to_dict(), device=fp32.provider)
     if request.precision == "auto":
         served, candidate, gate, choice = _choose_precision(
             request, spec, plan.labels, graph, fp32, tmp
@@ -289,7 +295,7 @@ def describe(plan: Plan, version: int, weights: Weights, verified: Verified) -> 
         precision=verified.candidate.precision,
         engine=verified.candidate.engine,
         input=TensorSpec(name=INPUT_NAME, shape=[None, *spec.input_size]),
-        outputs=Outputs(
+        outputs=OutputSpecs(
             logits=TensorSpec(name=OUTPUT_NAMES[0], shape=[None, spec.num_classes]),
             embedding=TensorSpec(name=OUTPUT_NAMES[1], shape=[None, spec.embedding_dim]),
         ),
@@ -302,7 +308,7 @@ def describe(plan: Plan, version: int, weights: Weights, verified: Verified) -> 
         macs=macs,
         max_batch_size=plan.request.max_batch_size,
         parity=verified.parity,
-        precision_gate=Report(**gate) if gate is not None else None,
+        precision_gate=GateReport(**gate) if gate is not None else None,
         precision_choice=verified.choice,
         export={
             "exporter": EXPORTER,
@@ -355,7 +361,7 @@ def _gate(
         engine=candidate.engine,
     )
     gate["device"] = reduced.provider  # where the reduced graph's arithmetic was judged
-    kernels = getattr(reduced, "kernel_precisions", None)
+    kernels = reduced.kernel_precisions
     if kernels:  # OpenVINO: the precision its compute layers were compiled to on this CPU
         gate["kernel_precisions"] = kernels
     return reduced, gate

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from models.resnet import ResNet
-from service.engine import Engine
+from runtime.engines import Engine
 
 
 @dataclass(frozen=True)

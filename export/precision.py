@@ -37,9 +37,10 @@ from typing import Any, get_args
 
 import numpy as np
 
-from models.preprocessing import Preprocessing
-from service.engine import Engine, EngineConfig, create_engine, cuda_devices
-from service.repository import EngineName, Precision
+from contract.preprocessing import Preprocessing
+from contract.repository import EngineName, Precision
+from runtime.engines import Engine, EngineConfig, create_engine
+from runtime.engines.providers import cuda_devices
 
 from .calibration import load_calibration
 from .onnx_export import INPUT_NAME, OUTPUT_NAMES

@@ -19,15 +19,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from service import repository
-from service.settings import Settings
+from contract import defaults, repository
 
 CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 # The service's default batching window, so that both servers batch alike.
-MAX_QUEUE_DELAY_US = round(Settings.model_fields["max_delay_ms"].default * 1000)
+MAX_QUEUE_DELAY_US = round(defaults.MAX_DELAY_MS * 1000)
 DATA_TYPES = {
     "float32": "TYPE_FP32",
     "float16": "TYPE_FP16",

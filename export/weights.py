@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from contract.hashing import sha256_file
 from models.checkpoint import WeightsUnavailableError, fetch_pretrained, load_checkpoint
-from models.hashing import sha256_file
 from models.registry import ArchSpec
 from models.resnet import ResNet
 

@@ -1,5 +1,5 @@
 """The ResNet family in PyTorch, faithful to the papers.
 
-Import from the submodules (`models.registry`, `models.checkpoint`, ...): this package's own
-import stays torch-free so that the service can use `models.preprocessing` without loading torch.
+Import from the submodules (`models.registry`, `models.checkpoint`, ...). What the service also
+needs (the preprocessing spec, file digests) lives in the torch-free `contract` package.
 """

@@ -20,7 +20,8 @@ import torch
 import torch.hub
 from torch import Tensor, nn
 
-from .hashing import sha256_file
+from contract.hashing import sha256_file
+
 from .registry import ArchSpec
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from contract.preprocessing import CIFAR, IMAGENET, Preprocessing
+
 from .blocks import Shortcut
-from .preprocessing import CIFAR, IMAGENET, Preprocessing
 from .resnet import ResNet
 
 CIFAR10_CLASSES = (

@@ -1,10 +1,10 @@
 """`python -m service --model-repository REPO [--host H] [--port P] ...`
 
-Flags are generated from `Settings`, one per field, each also readable from its `RESNET_SERVE_*`
-variable. On SIGTERM or SIGINT, /readyz turns 503 at once; after `--drain-delay-ms` the listener
-closes, accepted requests finish (queued images included), the models are released, and the
-process exits 0. Exit status 2: bad configuration or repository; 1: a model failed to load;
-3: the server never started (for example, the port is taken).
+Flags come from `Settings` (pydantic-settings' CLI source), one per field, each also readable
+from its `RESNET_SERVE_*` variable. On SIGTERM or SIGINT, /readyz turns 503 at once; after
+`--drain-delay-ms` the listener closes, accepted requests finish (queued images included), the
+models are released, and the process exits 0. Exit status 2: bad configuration or repository;
+1: a model failed to load; 3: the server never started (for example, the port is taken).
 """
 
 from __future__ import annotations
@@ -21,51 +21,62 @@ from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import CliApp, CliSettingsSource
 
-from .api import create_app
-from .dataplane import DataPlane
-from .engine import EngineError
-from .repository import RepositoryError
-from .settings import ENV_PREFIX, Settings, is_env_only
+from contract.repository import RepositoryError
+from runtime.engines import EngineError
+
+from .core.registry import ModelRegistry
+from .core.settings import ENV_PREFIX, Settings, is_env_only
+from .protocols.app import create_app
 
 log = logging.getLogger("service")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The command line: one flag per field of `Settings` (pydantic-settings' CLI source adds
+    them, with their help, default and variable); secrets are variables only."""
+    parser = _parser()
+    _cli_source(parser)
+    return parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
         prog="python -m service",
-        description="Serve the models of a model repository over HTTP. Every flag can also be "
-        f"set with the environment variable {ENV_PREFIX}<FLAG> (upper case, _ for -).",
-        epilog="Environment only (secrets): "
+        description="Serve the models of a model repository over HTTP (and gRPC). Every flag can "
+        f"also be set with the environment variable {ENV_PREFIX}<FLAG> (upper case, _ for -); "
+        "flags win.",
+        epilog="Environment only (secrets, never flags: a flag would show them to anyone who can "
+        "list processes): "
         + "; ".join(
             f"{ENV_PREFIX}{name.upper()}: {field.description}"
             for name, field in Settings.model_fields.items()
             if is_env_only(name)
         ),
     )
-    for name, field in Settings.model_fields.items():
-        if is_env_only(name):
-            continue  # secrets: a flag would show them to anyone who can list processes
-        flag = "--" + name.replace("_", "-")
-        env = ENV_PREFIX + name.upper()
-        default = "required" if field.is_required() else f"default: {field.default}"
-        help_text = f"{field.description} [{env}; {default}]".replace("%", "%%")
-        if field.annotation is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        else:
-            choices = getattr(field.annotation, "__args__", None) if name == "log_level" else None
-            parser.add_argument(flag, default=None, choices=choices, help=help_text)
-    return parser
+
+
+def _cli_source(parser: argparse.ArgumentParser) -> CliSettingsSource[Settings]:
+    return CliSettingsSource(
+        Settings,
+        root_parser=parser,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_show_env_vars=True,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+        cli_exit_on_error=True,
+    )
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     """Settings from flags (which win) and environment variables; exits 2 when invalid."""
-    parser = build_parser()
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    parser = _parser()
+    source = _cli_source(parser)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return Settings(**given)
+        return CliApp.run(Settings, cli_args=args, cli_settings_source=source)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
@@ -80,14 +91,14 @@ class DrainingServer(uvicorn.Server):
     """uvicorn with a readiness flip on the first stop signal, and an optional drain delay
     between that flip and closing the listener."""
 
-    def __init__(self, config: uvicorn.Config, model_server: DataPlane, drain_ms: int) -> None:
+    def __init__(self, config: uvicorn.Config, registry: ModelRegistry, drain_ms: int) -> None:
         super().__init__(config)
-        self._model_server = model_server
+        self._registry = registry
         self._drain_s = drain_ms / 1000.0
         self._stop_at: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._model_server.begin_draining()
+        self._registry.begin_draining()
         if self._drain_s > 0 and self._stop_at is None:
             self._stop_at = time.monotonic() + self._drain_s
             return
@@ -131,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RepositoryError, EngineError, ValueError) as exc:
         log.critical("cannot start: %s", exc)
         return 2
-    model_server: DataPlane = app.state.server
+    registry: ModelRegistry = app.state.plane.registry
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -146,14 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Every accepted request ends by its own timeout; this only bounds a stuck shutdown.
         timeout_graceful_shutdown=settings.request_timeout_ms / 1000.0 + 5.0,
     )
-    server = DrainingServer(config, model_server, settings.drain_delay_ms)
+    server = DrainingServer(config, registry, settings.drain_delay_ms)
     # uvicorn re-raises the stop signal after its graceful shutdown; a graceful stop is a
     # success here, so let that re-raised signal end in `return` rather than a signal death.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     server.run()
-    if model_server.fatal is not None:
-        log.critical("exiting: %s", model_server.fatal)
+    if registry.fatal is not None:
+        log.critical("exiting: %s", registry.fatal)
         return 1
     return 0 if server.started else 3
 

@@ -28,7 +28,7 @@ CIFAR_CHECKPOINT_FILES = {
 @pytest.fixture(autouse=True)
 def _no_default_grpc_port(monkeypatch: pytest.MonkeyPatch) -> None:
     """Apps built in process serve no gRPC unless a test asks (the default, 8001, would clash
-    between tests and with anything else on this machine); bench.launcher.Service gives
+    between tests and with anything else on this machine); tests.support.launcher.Service gives
     its process a free port."""
     monkeypatch.setenv("RESNET_SERVE_GRPC_PORT", "0")
 
@@ -75,9 +75,9 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, resnet20_checkpoint: Path, samples: list[bytes]
 ) -> Iterator[Any]:
     """The exported checkpoint, served (`samples` first: without them, skip before exporting)."""
-    from bench.launcher import Service
+    from tests.support.launcher import Service
 
-    from .service_helpers import export
+    from .support.service import export
 
     repo = tmp_path_factory.mktemp("repo")
     export("cifar_resnet20", str(resnet20_checkpoint), repo)
@@ -94,7 +94,7 @@ def ours(server: Any, samples: list[bytes]) -> dict[str, Any]:
     """/classify (every class, so that all scores are known) and /embed on the samples."""
     import httpx
 
-    from .service_helpers import multipart
+    from .support.service import multipart
 
     files = multipart(samples)
     classify = httpx.post(f"{server.url}/classify?top_k=10", files=files, timeout=60)

@@ -10,11 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.launcher import Service
+from tests.support.launcher import Service
 
 from .reliability.graphs import write_tiny
 from .reliability.images import solid
-from .service_helpers import service_cli
+from .support.service import service_cli
 
 INFERENCE = "inference-token-0123456789abcdef"
 MANAGEMENT = "management-token-fedcba9876543210"

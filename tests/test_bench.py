@@ -19,11 +19,11 @@ from PIL import Image
 from bench.__main__ import main
 from bench.engine import Budget, speedup_targets, time_interleaved
 from bench.http_mode import vs_engine
-from bench.load import build_payloads
 from bench.machine import busy_note
 from bench.preset import ensure_preset
-from bench.stats import summarize
 from export.exporter import ExportRequest, export_model
+from tests.support.load import build_payloads
+from tests.support.stats import summarize
 
 from .conftest import PHOTOS, require
 

@@ -2,7 +2,7 @@
 Kubernetes OpenAPI schemas that kubernetes-validate ships (offline, strict: unknown fields fail),
 the KServe predictor's pod fields against the core Pod schema, and the contract between the
 pieces (GPU, probes on our endpoints, read-only model repository, HPA and Service wired to the
-Deployment, RESNET_SERVE_* variables that service.settings.Settings knows)."""
+Deployment, RESNET_SERVE_* variables that service.core.settings.Settings knows)."""
 
 from __future__ import annotations
 
@@ -240,7 +240,7 @@ def test_tokens_come_from_a_secret_never_from_a_value() -> None:
 def test_env_vars_are_service_settings(tmp_path: Path) -> None:
     """Every RESNET_SERVE_* variable names a Settings field, and the servers' values pass its
     validation (with a real directory for the repository and the CPU request for valueFrom)."""
-    from service import settings
+    from service.core import settings
 
     fields = settings.Settings.model_fields
     for path, doc in documents():
@@ -254,7 +254,7 @@ def test_env_vars_are_service_settings(tmp_path: Path) -> None:
                 for n in names
                 if n.startswith(ENV_PREFIX) and n[len(ENV_PREFIX) :].lower() not in fields
             ]
-            assert not unknown, f"{path}: {unknown} are not fields of service.settings.Settings"
+            assert not unknown, f"{path}: {unknown} are not fields of Settings"
     for doc in servers():
         container = serving_container(doc)
         values: dict[str, Any] = {}

@@ -172,7 +172,7 @@ def test_auth_variant_passes_tokens_as_secrets_not_values(tmp_path: Path) -> Non
         assert env[f"{PREFIX}{name.upper()}_FILE"] == f"/run/secrets/{name}"
     assert "/secrets/" in (ROOT / ".gitignore").read_text("utf-8").splitlines()
     # What the service makes of it, with the mounted secrets' stand-ins.
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     files = {}
     for name in api["secrets"]:
@@ -234,7 +234,7 @@ def compose_env() -> dict[str, str]:
 
 
 def settings_fields() -> set[str]:
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     return set(Settings.model_fields)
 
@@ -264,7 +264,7 @@ def test_api_environment_is_a_valid_configuration(
     files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings_fields()
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     env: dict[str, str] = {}
     for path in files:
@@ -307,7 +307,7 @@ def test_dockerfile_targets_install_dependencies_before_code_and_run_unprivilege
     for name in ("export", "serve"):
         lines = all_stages[name]
         install = next(i for i, ln in enumerate(lines) if "pip install" in ln)
-        first_code = next(i for i, ln in enumerate(lines) if ln.startswith("COPY models/"))
+        first_code = next(i for i, ln in enumerate(lines) if ln.startswith("COPY contract/"))
         assert install < first_code, f"{name}: dependencies must be a layer before the code"
         user = [ln for ln in lines if ln.startswith("USER ")][-1].split()[1]
         assert user.split(":")[0] not in {"0", "root"}
@@ -315,7 +315,8 @@ def test_dockerfile_targets_install_dependencies_before_code_and_run_unprivilege
     serve = " ".join(all_stages["serve"])
     assert "HEALTHCHECK" in serve and "/readyz" in serve
     assert "EXPOSE 8000 8001" in serve
-    assert "torch" not in serve.replace("find_spec('torch')", "")
+    assert "torch" not in serve.replace("find_spec('torch')", "").replace("no torch code", "")
+    assert "COPY models/" not in serve and "COPY export/" not in serve  # serving layers only
 
 
 def requirements(extras: list[str]) -> list[str]:

@@ -118,7 +118,7 @@ def test_export_entrypoint_needs_a_repository(tmp_path: Path) -> None:
 
 @pytest.fixture
 def service(exported: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict]]:
-    from bench.launcher import free_port
+    from tests.support.launcher import free_port
 
     env = environment(
         RESNET_SERVE_MODEL_REPOSITORY=str(exported),

@@ -12,15 +12,16 @@ import onnx
 import pytest
 import torch
 
+from contract.hashing import sha256_file
 from export.exporter import ExportError, ExportRequest, export_model
 from export.parity import Tolerances
 from models.checkpoint import load_checkpoint
-from models.hashing import sha256_file
 from models.registry import CIFAR10_CLASSES, complexity, get_spec
-from service.engine import EngineConfig, create_session
+from runtime.engines import EngineConfig
+from runtime.engines.onnxruntime_engine import create_session
 
 from .conftest import CIFAR_CHECKPOINTS, CIFAR_TEST, normalize_cifar, require
-from .service_helpers import run_module
+from .support.service import run_module
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess[str]:

@@ -25,28 +25,27 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bench.http_mode import HttpOptions, split_cpus, target
+from contract.repository import scan_repository
 from export.precision import convert_fp16
-from service.api import create_app
-from service.engine import (
+from runtime.engines import (
     CPU,
     CUDA,
     TENSORRT,
     EngineConfig,
     EngineError,
-    OrtEngine,
-    provider_options,
     resolve_providers,
-    tensorrt_cache_dir,
     warm,
 )
-from service.lifecycle import ServedModel, check_fp16_device
-from service.repository import scan_repository
-from service.settings import Settings
+from runtime.engines.onnxruntime_engine import OrtEngine
+from runtime.engines.providers import provider_options, tensorrt_cache_dir
+from service.core.registry import ServedModel, check_fp16_device
+from service.core.settings import Settings
+from service.protocols.app import create_app
 
 from .conftest import CIFAR_CHECKPOINT_FILES, CIFAR_CHECKPOINTS, PHOTOS, ROOT, require
 from .reliability.graphs import conv_graph, tiny_graph, write_entry
 from .reliability.images import sample_images
-from .service_helpers import multipart, run_module, service_cli, wait_ready
+from .support.service import multipart, run_module, service_cli, wait_ready
 
 CROP = 16
 NAMES = ["logits", "embedding"]

@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from bench.launcher import Service
+from tests.support.launcher import Service
 
 from .reliability.graphs import write_tiny
 from .reliability.images import sample_images

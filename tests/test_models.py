@@ -12,7 +12,7 @@ from torch import nn
 from models.blocks import ProjectionShortcut, Shortcut, ZeroPadShortcut
 from models.registry import PAPER_SET, complexity, get_spec, list_specs
 
-from .service_helpers import run_module
+from .support.service import run_module
 
 # torchvision's published figures (ResNet*_Weights.IMAGENET1K_V1 meta: num_params, GFLOPS).
 TORCHVISION = {

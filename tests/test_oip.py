@@ -18,12 +18,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from bench.launcher import Service
-from service.api import create_app
-from service.settings import Settings
+from service.core.settings import Settings
+from service.protocols.app import create_app
+from tests.support.launcher import Service
 
 from .conftest import normalize_cifar
-from .service_helpers import wait_ready, write_tiny_model
+from .support.service import wait_ready, write_tiny_model
 
 httpclient = pytest.importorskip(
     "tritonclient.http", reason="tritonclient[http] (a dev dependency) is not installed"

@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 import pytest
 
+from contract.preprocessing import CIFAR
 from export.calibration import load_calibration
 from export.exporter import ExportError, ExportRequest, export_model
 from export.precision import GateThresholds
-from models.preprocessing import CIFAR
-from service.engine import EngineConfig, create_engine
+from runtime.engines import EngineConfig, create_engine
 
 from .conftest import CIFAR_TEST, PHOTOS, require
 

@@ -14,18 +14,18 @@ import onnx
 import pytest
 from fastapi.testclient import TestClient
 
+from contract.cpu import choice_mismatch, cpu_flags, cpu_model
+from contract.hashing import sha256_file
+from contract.preprocessing import CIFAR
 from export.__main__ import main as export_main
 from export.calibration import load_calibration
 from export.exporter import ExportRequest, ExportResult, export_model
 from export.precision import CANDIDATES, GateThresholds, PrecisionError, choose
-from models.hashing import sha256_file
-from models.preprocessing import CIFAR
-from service.api import create_app
-from service.host import choice_mismatch, cpu_flags, cpu_model
-from service.settings import Settings
+from service.core.settings import Settings
+from service.protocols.app import create_app
 
 from .conftest import CIFAR_CHECKPOINT_FILES, CIFAR_CHECKPOINTS, CIFAR_TEST, PHOTOS, require
-from .service_helpers import wait_ready
+from .support.service import wait_ready
 from .test_precision import _served_accuracy
 
 

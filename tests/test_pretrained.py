@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from contract.hashing import sha256_file
 from models.checkpoint import (
     CheckpointError,
     WeightsUnavailableError,
     fetch_pretrained,
     load_checkpoint,
 )
-from models.hashing import sha256_file
 from models.registry import PretrainedWeights, get_spec
 
 from .conftest import CIFAR_CHECKPOINTS, require
-from .service_helpers import run_module
+from .support.service import run_module
 
 RESNET20 = "resnet20-12fca82f.th"
 RESNET32 = "resnet32-d509ac18.th"

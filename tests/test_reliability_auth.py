@@ -12,7 +12,7 @@ import httpx
 import pytest
 from hypothesis import given, settings
 
-from bench.launcher import Service
+from tests.support.launcher import Service
 
 from .reliability.fuzz import protocol_cases, run_case
 from .reliability.graphs import write_tiny

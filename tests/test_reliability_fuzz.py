@@ -14,9 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.launcher import Service
+from tests.support.launcher import Service
 
-from .reliability import judge
 from .reliability.fuzz import check_answer, fuzz_openapi, fuzz_protocol
 from .reliability.graphs import write_tiny
 from .reliability.hostile import HostileBody, hostile_bodies
@@ -83,7 +82,8 @@ def test_model_names_from_urls_are_looked_up_never_used_as_paths(
 
 def test_the_openapi_surface_passes_schemathesis(service: Service, tmp_path: Path) -> None:
     result = fuzz_openapi(service.url, examples=5, report=tmp_path / "schemathesis.json")
-    assert not judge.failures(judge.fuzz({"openapi": result})), result
+    assert not result["failures"] and not result["errors"], result
+    assert result["exit_code"] == 0, result
     assert result["operations"] >= 7
     assert result["cases"] >= 100
 
@@ -98,7 +98,9 @@ def test_protocol_abuse_gets_allowed_answers_and_the_service_stays_healthy(
         max_request_bytes=MAX_REQUEST_BYTES,
         healthy=lambda: client.get("/healthz").status_code == 200,
     )
-    assert not judge.failures(judge.fuzz({"protocol": result})), result["failed"]
+    assert not result["failed"], result["failed"]  # every case answered as allowed
+    before, peak = result["rss_mb"]  # a 128 MiB header line was sent: refused, not buffered
+    assert peak - before <= 32.0, result["rss_mb"]
     seconds = {r["case"]: r["seconds"] for r in result["results"]}
     fields = next(name for name in seconds if name.endswith("empty form fields"))
     assert seconds[fields] < 1.0  # refused at the 81st part, not parsed for seconds

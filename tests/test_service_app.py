@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from bench.launcher import metric_value, poll_until
-from models.preprocessing import Preprocessing
-from service.api import create_app
-from service.engine import OrtEngine
-from service.schemas import ModelInfo
-from service.settings import Settings
+from contract.preprocessing import Preprocessing
+from runtime.engines.onnxruntime_engine import OrtEngine
+from service.core.settings import Settings
+from service.protocols.app import create_app
+from service.protocols.responses import ModelInfo
+from tests.support.launcher import metric_value, poll_until
 
 from .reliability.hostile import png_bomb
 from .reliability.images import encode
-from .service_helpers import multipart, wait_ready, write_tiny_model
+from .support.service import multipart, wait_ready, write_tiny_model
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -207,9 +207,9 @@ def test_every_error_has_its_status_and_one_json_shape(
     status: int,
     code: str,
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="service.errors"):
+    with caplog.at_level(logging.INFO, logger="service.protocols.http_errors"):
         response = client.request(method.upper(), url, **kwargs)
-    (record,) = [r for r in caplog.records if r.name == "service.errors"]
+    (record,) = [r for r in caplog.records if r.name == "service.protocols.http_errors"]
     assert record.exc_info is None  # client errors: one line, no traceback
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.errors import InferenceError, NotReadyError, QueueFullError
-from service.metrics import Metrics
+from service.core.errors import InferenceError, NotReadyError, QueueFullError
+from service.core.metrics import Metrics
 
-from .service_helpers import make_batcher
+from .support.service import make_batcher, submit
 
 
 class Recorder:
@@ -60,7 +60,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
     async def main() -> None:
         batcher = make_batcher(infer)
         batcher.start()
-        results = await asyncio.gather(*(batcher.submit(images(i)) for i in range(8)))
+        results = await asyncio.gather(*(submit(batcher, images(i)) for i in range(8)))
         await batcher.stop()
         for i, (doubled, first) in enumerate(results):  # one array per output, one row each
             np.testing.assert_array_equal(doubled, images(i) * 2)
@@ -78,7 +78,7 @@ def test_a_request_larger_than_a_batch_keeps_its_order() -> None:
         batcher = make_batcher(infer)
         batcher.start()
         values = list(range(10))
-        result = await batcher.submit(images(*values))
+        result = await submit(batcher, images(*values))
         await batcher.stop()
         assert result[1][:, 0].tolist() == values  # the request's rows, in order, as one array
 
@@ -91,7 +91,7 @@ def test_a_lone_image_waits_at_most_the_delay() -> None:
         batcher = make_batcher(Recorder(), max_delay_ms=50)
         batcher.start()
         start = time.monotonic()
-        await batcher.submit(images(1))
+        await submit(batcher, images(1))
         elapsed = time.monotonic() - start
         await batcher.stop()
         assert 0.04 <= elapsed < 0.5
@@ -103,13 +103,13 @@ def test_full_queue_refuses_the_whole_request_with_retry_after() -> None:
     async def main() -> None:
         batcher = make_batcher(Recorder(), max_queue_images=6, max_batch_size=4, max_delay_ms=200)
         batcher.start()
-        first = asyncio.create_task(batcher.submit(images(0, 1, 2)))
+        first = asyncio.create_task(submit(batcher, images(0, 1, 2)))
         await until(lambda: batcher.waiting == 3)  # forming a batch, which waits 200 ms
         with pytest.raises(QueueFullError) as refused:
-            await batcher.submit(images(*range(4)))
+            await submit(batcher, images(*range(4)))
         assert refused.value.status == 503
         assert refused.value.headers == {"Retry-After": "3"}
-        assert len((await batcher.submit(images(3, 4, 5)))[0]) == 3  # fits exactly
+        assert len((await submit(batcher, images(3, 4, 5)))[0]) == 3  # fits exactly
         assert len((await first)[0]) == 3
         await batcher.stop()
 
@@ -121,7 +121,7 @@ def test_an_inference_error_fails_every_request_of_the_batch() -> None:
         batcher = make_batcher(Recorder(fail=RuntimeError("device lost")))
         batcher.start()
         results = await asyncio.gather(
-            *(batcher.submit(images(i)) for i in range(3)), return_exceptions=True
+            *(submit(batcher, images(i)) for i in range(3)), return_exceptions=True
         )
         await batcher.stop()
         assert all(isinstance(r, InferenceError) for r in results)
@@ -136,7 +136,7 @@ def test_one_output_per_input_is_checked() -> None:
         batcher = make_batcher(lambda batch: [batch[:1]])
         batcher.start()
         with pytest.raises(InferenceError, match="outputs of sizes"):
-            await batcher.submit(images(1, 2))
+            await submit(batcher, images(1, 2))
         await batcher.stop()
 
     run(main)
@@ -149,9 +149,9 @@ def test_abandoned_images_are_skipped() -> None:
     async def main() -> None:
         batcher = make_batcher(infer, max_batch_size=1)
         batcher.start()
-        busy = asyncio.create_task(batcher.submit(images(0)))
+        busy = asyncio.create_task(submit(batcher, images(0)))
         await until(lambda: infer.sizes == [1])  # the first batch is running, held at the gate
-        gone = asyncio.create_task(batcher.submit(images(1, 2, 3)))
+        gone = asyncio.create_task(submit(batcher, images(1, 2, 3)))
         await until(lambda: batcher.waiting == 3)
         gone.cancel()  # its request gives up (a timeout, a disconnect) while its images wait
         release.set()
@@ -171,12 +171,12 @@ def test_stop_finishes_queued_images_then_refuses_new_ones() -> None:
     async def main() -> None:
         batcher = make_batcher(infer, max_batch_size=2)
         batcher.start()
-        pending = [asyncio.create_task(batcher.submit(images(i))) for i in range(5)]
+        pending = [asyncio.create_task(submit(batcher, images(i))) for i in range(5)]
         await asyncio.sleep(0)
         await batcher.stop()
         assert all(task.done() and not task.exception() for task in pending)
         with pytest.raises(NotReadyError):
-            await batcher.submit(images(9))
+            await submit(batcher, images(9))
 
     run(main)
     assert sum(infer.sizes) == 5
@@ -196,7 +196,9 @@ def test_batches_never_mix_models() -> None:
         a, b = make_batcher(infer_for("a")), make_batcher(infer_for("b"))
         a.start()
         b.start()
-        jobs = [a.submit(images(1, 1)) for _ in range(5)] + [b.submit(images(2)) for _ in range(5)]
+        jobs = [submit(a, images(1, 1)) for _ in range(5)] + [
+            submit(b, images(2)) for _ in range(5)
+        ]
         await asyncio.gather(*jobs)
         await asyncio.gather(a.stop(), b.stop())
 
@@ -211,7 +213,7 @@ def test_metrics_record_batches_and_queue() -> None:
     async def main() -> None:
         batcher = make_batcher(Recorder(), metrics=metrics)
         batcher.start()
-        await asyncio.gather(*(batcher.submit(images(i)) for i in range(4)))
+        await asyncio.gather(*(submit(batcher, images(i)) for i in range(4)))
         await batcher.stop()
 
     run(main)

@@ -20,12 +20,12 @@ import onnxruntime as ort
 import pytest
 from PIL import Image, ImageOps
 
-from bench.launcher import Service, poll_until
+from tests.support.launcher import Service, poll_until
 
 from .conftest import CIFAR_CHECKPOINT_FILES, PHOTOS, normalize_cifar, require
 from .reliability.hostile import png_bomb
 from .reliability.images import encode, encode_image
-from .service_helpers import export, multipart, service_cli, write_tiny_model
+from .support.service import export, multipart, service_cli, write_tiny_model
 
 MAX_REQUEST_BYTES = 8 * 2**20
 CONTENT_TYPES = {".jpg": "image/jpeg", ".png": "image/png"}

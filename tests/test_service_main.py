@@ -13,20 +13,20 @@ import httpx
 import uvicorn
 from PIL import Image
 
-from bench.launcher import poll_until
 from service.__main__ import DrainingServer
-from service.api import create_app
-from service.settings import Settings
+from service.core.settings import Settings
+from service.protocols.app import create_app
+from tests.support.launcher import poll_until
 
 from .reliability.images import encode_image
-from .service_helpers import write_tiny_model
+from .support.service import write_tiny_model
 
 
 def _start(repo: Path, drain_ms: int) -> tuple[DrainingServer, threading.Thread, str]:
     write_tiny_model(repo)
     app = create_app(Settings(model_repository=repo, intra_op_threads=1))
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, http="h11")
-    server = DrainingServer(config, app.state.server, drain_ms)
+    server = DrainingServer(config, app.state.plane.registry, drain_ms)
     thread = threading.Thread(target=server.run, name="uvicorn")  # no signal handlers off main
     thread.start()
     poll_until(lambda: server.started, 30, "uvicorn started")

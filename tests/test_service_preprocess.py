@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.preprocessing import CIFAR, IMAGENET, Preprocessing
-from service.errors import ImageTooLargeError, InvalidImageError
-from service.preprocess import (
+from contract.preprocessing import CIFAR, IMAGENET, Preprocessing
+from runtime.preprocess import (
+    OversizedImageError,
+    UndecodableImageError,
     decode,
     normalize_into,
     preprocess_into,
@@ -143,13 +144,13 @@ def test_first_frame_of_an_animation() -> None:
 
 @pytest.mark.parametrize("side", [8_000, 20_000])  # over our limit; over Pillow's own
 def test_decompression_bombs_are_refused_before_decoding(side: int) -> None:
-    with pytest.raises(ImageTooLargeError):
+    with pytest.raises(OversizedImageError):
         preprocess(png_bomb(side))
 
 
 def test_pixel_limit_is_configurable() -> None:
     data = encode(np.zeros((100, 100, 3), dtype=np.uint8))
-    with pytest.raises(ImageTooLargeError, match="10000 pixels; the limit is 9999"):
+    with pytest.raises(OversizedImageError, match="10000 pixels; the limit is 9999"):
         decode(data, min_shorter_side=8, max_pixels=9_999)
 
 
@@ -165,7 +166,7 @@ def test_pixel_limit_is_configurable() -> None:
     ids=["empty", "text", "corrupt", "truncated", "ico"],
 )
 def test_undecodable_bytes_are_invalid_images(data: bytes) -> None:
-    with pytest.raises(InvalidImageError) as refused:
+    with pytest.raises(UndecodableImageError) as refused:
         preprocess(data)
     assert " at 0x" not in str(refused.value)  # no Python object repr in the client's message
 

@@ -12,14 +12,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models.preprocessing import CIFAR
-from service import repository
-from service.engine import CPU, EngineConfig, EngineError, OrtEngine, warm
-from service.repository import ModelMetadata, RepositoryError, scan_repository
+from contract import repository
+from contract.preprocessing import CIFAR
+from contract.repository import ModelMetadata, RepositoryError, scan_repository
+from runtime.engines import CPU, EngineConfig, EngineError, warm
+from runtime.engines.onnxruntime_engine import OrtEngine
 
 from .conftest import ROOT
 from .reliability.graphs import tiny_graph
-from .service_helpers import write_tiny_model
+from .support.service import write_tiny_model
 
 
 def test_highest_version_of_each_model(tmp_path: Path) -> None:

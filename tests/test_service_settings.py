@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from runtime.engines import EngineConfig
 from service.__main__ import build_parser, parse_settings
-from service.engine import EngineConfig
-from service.settings import CPU, CUDA, Settings, is_env_only
+from service.core.settings import CPU, CUDA, Settings, is_env_only
 
 from .conftest import ROOT
-from .service_helpers import service_cli
+from .support.service import service_cli
 
 
 @pytest.fixture(autouse=True)
@@ -61,14 +61,14 @@ def test_every_setting_has_a_flag_and_a_variable() -> None:
 
 
 def test_cudnn_algorithm_search_reaches_the_cuda_provider_options(tmp_path: Path) -> None:
-    from service.engine import CUDA as CUDA_PROVIDER
-    from service.engine import provider_options
+    from runtime.engines import CUDA as CUDA_PROVIDER
+    from runtime.engines.providers import provider_options
 
     argv = ["--model-repository", str(tmp_path), "--cudnn-conv-algo-search", "HEURISTIC"]
     settings = parse_settings(argv)
-    options = provider_options([CUDA_PROVIDER, CPU], EngineConfig.from_settings(settings))
+    options = provider_options([CUDA_PROVIDER, CPU], settings.engine_config())
     assert options[0]["cudnn_conv_algo_search"] == "HEURISTIC" and options[1] == {}
-    default = EngineConfig.from_settings(Settings(model_repository=tmp_path))
+    default = Settings(model_repository=tmp_path).engine_config()
     assert default.cudnn_conv_algo_search == "EXHAUSTIVE"
     with pytest.raises(SystemExit):
         parse_settings([*argv[:2], "--cudnn-conv-algo-search", "FASTEST"])
@@ -122,8 +122,8 @@ def test_cli_refuses_an_empty_repository(tmp_path: Path) -> None:
 
 def test_importing_the_service_does_not_import_torch() -> None:
     code = (
-        "import sys, service.__main__, service.api, service.dataplane, service.lifecycle;"
-        "from service.settings import Settings;"
+        "import sys, service.__main__, service.protocols.app, service.protocols.oip_grpc;"
+        "import service.core.dataplane, service.core.registry, runtime.engines.onnxruntime_engine;"
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
@@ -132,5 +132,5 @@ def test_importing_the_service_does_not_import_torch() -> None:
 def test_sessions_default_to_the_service_settings(tmp_path: Path) -> None:
     """One default per session setting: the exporter's gates (EngineConfig()) build sessions
     as the service does with its defaults."""
-    assert EngineConfig() == EngineConfig.from_settings(Settings(model_repository=tmp_path))
+    assert EngineConfig() == Settings(model_repository=tmp_path).engine_config()
     assert EngineConfig().allow_spinning is False

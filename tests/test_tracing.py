@@ -19,14 +19,14 @@ import tritonclient.grpc as grpcclient
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace.export import in_memory_span_exporter as sdk_export
 
-from bench.launcher import Service, free_port
-from service.api import create_app
-from service.settings import Settings
+from service.core.settings import Settings
+from service.protocols.app import create_app
+from tests.support.launcher import Service, free_port
 
 from .conftest import ROOT
 from .reliability.graphs import write_tiny
 from .reliability.images import sample_images, solid
-from .service_helpers import wait_ready
+from .support.service import wait_ready
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -156,8 +156,9 @@ def test_tracing_off_builds_no_tracer(tmp_path: Path) -> None:
     when it is installed; the SDK is what would cost.)"""
     write_tiny(tmp_path / "repo", "tiny")
     code = (
-        "import sys; from service.api import create_app; from service.settings import Settings;"
-        "from service.tracing import TracingMiddleware;"
+        "import sys; from service.protocols.app import create_app;"
+        "from service.core.settings import Settings;"
+        "from service.protocols.http_tracing import TracingMiddleware;"
         f"app = create_app(Settings(model_repository={str(tmp_path / 'repo')!r}, grpc_port=0));"
         "assert not app.state.tracing.enabled;"
         "assert all(m.cls is not TracingMiddleware for m in app.user_middleware);"

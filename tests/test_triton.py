@@ -15,10 +15,10 @@ import onnx
 import pytest
 from google.protobuf import text_format
 
+from contract.repository import scan_repository
 from export import triton
 from export.exporter import ExportError, ExportRequest, export_model, resolve_labels
 from models.registry import get_spec
-from service.repository import scan_repository
 
 NAME = "cifar_resnet20"
 MAX_BATCH = 8

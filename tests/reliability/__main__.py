@@ -24,8 +24,8 @@ from typing import Any
 
 import httpx
 
-from bench.launcher import Service
-from bench.load import Target
+from tests.support.launcher import Service
+from tests.support.load import Target
 
 from . import faults as fault_scenarios
 from . import judge

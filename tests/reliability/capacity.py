@@ -1,5 +1,5 @@
 """Overload and soak against a running service, with bounded request counts and time, driven by
-bench's load generator (`bench.load.Target`).
+the shared load generator (`tests.support.load.Target`).
 
 Every request is accounted for: ok (200), rejected (503, which must carry Retry-After), failed
 (any other status, or a status other than the one the request was built to get), lost (no answer
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.load import Target
-from bench.wire import build
+from tests.support.load import Target
+from tests.support.wire import build
 
 
 def overload(

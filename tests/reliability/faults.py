@@ -22,9 +22,9 @@ from typing import Any
 
 import httpx
 
-from bench.launcher import Service, poll_until
-from bench.load import Tally, Target, drive
-from bench.wire import build, multipart, send
+from tests.support.launcher import Service, poll_until
+from tests.support.load import Tally, Target, drive
+from tests.support.wire import build, multipart, send
 
 from .graphs import tiny_graph, write_tiny
 from .images import solid

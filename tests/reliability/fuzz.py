@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 from hypothesis import HealthCheck, given, seed, settings
 
-from bench.launcher import Service
-from bench.wire import Outcome, build, multipart, read_response
+from tests.support.launcher import Service
+from tests.support.wire import Outcome, build, multipart, read_response
 
 from .hostile import HostileBody, hostile_bodies
 from .images import solid

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.preprocessing import Preprocessing
+from contract.preprocessing import Preprocessing
 
 OPSET = 17
 # A normalized pixel above this is "poison" for `poison_graph`: only near-white red channels

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from bench.launcher import Service
+from tests.support.launcher import Service
 
 from .graphs import tiny_graph, write_entry
 from .images import solid

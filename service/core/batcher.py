@@ -1,0 +1,279 @@
+"""Dynamic batching for one model: images from concurrent requests share inference runs.
+
+A batch closes at `max_batch_size` images or `max_delay_ms` after its first image arrived,
+whichever comes first; while a batch runs (in a thread, off the event loop), the next one fills
+up, so under load batches grow by themselves and at low load an image waits at most
+`max_delay_ms`.
+
+One way in: `async with batcher.admit(n) as ticket: ... await ticket.run(images)`. Admission
+takes room for `n` images in the bounded queue at once, or refuses the whole request (503) before
+any decoding is spent on it, so that a burst far above capacity is turned away at once; the room
+stays the ticket's while its images are decoded, moves with them into the queue, and whatever was
+not used comes back when the block ends. The bound therefore holds by construction, whatever
+runs between admission and `run`.
+
+A ticket's results stay a batch: each inference run copies its rows straight into the ticket's
+output arrays, and `run` returns them whole ([n, ...] per output, in request order) once every
+row is in, even when the request's images span several batches. Images of a ticket whose request
+has gone (timed out, client disconnected, a sibling image failed) are dropped before their batch
+runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InferenceError, NotReadyError, QueueFullError, ServiceError
+from .metrics import Metrics
+from .tracing import current_record
+
+log = logging.getLogger(__name__)
+
+InferFn = Callable[[np.ndarray], Sequence[np.ndarray]]
+OutputArrays = tuple[np.ndarray, ...]  # one array per model output, rows in request order
+
+
+class Ticket:
+    """Room for up to `size` images of one request, and their results once run."""
+
+    def __init__(self, batcher: Batcher, size: int) -> None:
+        self._batcher = batcher
+        self._held = size  # room not yet handed to the queue
+        self._images: np.ndarray | None = None
+        self._outputs: list[np.ndarray] | None = None
+        self._missing = 0
+        self._done: asyncio.Future[OutputArrays] = asyncio.get_running_loop().create_future()
+        self.trace = current_record()  # the request's, when it is traced (service/tracing.py)
+
+    @property
+    def gone(self) -> bool:
+        """The request no longer waits for these images (or they failed)."""
+        return self._done.done()
+
+    async def run(self, images: np.ndarray) -> OutputArrays:
+        """Outputs for `images` [k <= size, ...]: one array [k, ...] per model output, in order."""
+        if self._images is not None:
+            raise RuntimeError("a ticket runs once")
+        if not 0 < len(images) <= self._held:
+            raise ValueError(f"{len(images)} images for a ticket of {self._held}")
+        if self._batcher._closed:  # admitted before the batcher began to stop; too late now
+            raise NotReadyError(
+                f"model {self._batcher.name} is stopping",
+                retry_after_s=self._batcher._retry_after_s,
+            )
+        self._images, self._missing = images, len(images)
+        self._held -= len(images)  # from now on the queue accounts for them
+        now = time.monotonic()
+        for index in range(len(images)):
+            self._batcher._queue.put_nowait(_Item(self, index, now))
+        # Cancelling this await (timeout, disconnect) cancels `_done`: the queued images are
+        # dropped before their batch runs.
+        return await self._done
+
+    def _deliver(self, index: int, outputs: Sequence[np.ndarray], row: int) -> None:
+        if self._outputs is None:
+            n = len(self._images) if self._images is not None else 0
+            self._outputs = [np.empty((n, *o.shape[1:]), dtype=o.dtype) for o in outputs]
+        for target, output in zip(self._outputs, outputs, strict=True):
+            target[index] = output[row]
+        self._missing -= 1
+        if self._missing == 0 and not self._done.done():
+            self._done.set_result(tuple(self._outputs))
+
+    def _fail(self, error: Exception) -> None:
+        if not self._done.done():
+            self._done.set_exception(error)
+            self._done.exception()  # seen here; `run` re-raises it
+
+
+@dataclass(eq=False, slots=True)
+class _Item:
+    ticket: Ticket
+    index: int
+    enqueued: float
+
+    @property
+    def image(self) -> np.ndarray:
+        images = self.ticket._images
+        assert images is not None
+        return images[self.index]
+
+
+class Batcher:
+    """Queue + one runner task + one inference thread for one model."""
+
+    def __init__(
+        self,
+        name: str,
+        infer: InferFn,
+        *,
+        max_batch_size: int,
+        max_delay_ms: float,
+        max_queue_images: int,
+        retry_after_s: int,
+        metrics: Metrics,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_images < max_batch_size or max_delay_ms < 0:
+            raise ValueError(
+                "need 1 <= max_batch_size <= max_queue_images and max_delay_ms >= 0, got "
+                f"{max_batch_size}, {max_queue_images}, {max_delay_ms}"
+            )
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_ms / 1000.0
+        self.max_queue_images = max_queue_images
+        self._infer = infer
+        self._retry_after_s = retry_after_s
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._waiting = 0  # images admitted and not yet running: reserved, queued or forming
+        self._queue_wait = metrics.queue_wait.labels(name)
+        self._queue_depth = metrics.queue_depth.labels(name)
+        self._batch_size = metrics.batch_size.labels(name)
+        self._inference_latency = metrics.inference_latency.labels(name)
+
+    def start(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{self.name}")
+        self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        """Refuse new images, finish every queued one, then stop the runner."""
+        self._closed = True
+        if self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._executor is not None:
+            await asyncio.to_thread(self._executor.shutdown, wait=True)
+            self._executor = None
+
+    @property
+    def waiting(self) -> int:
+        """Images admitted and not yet running: held by tickets, queued, or in a forming batch."""
+        return self._waiting
+
+    def ensure_room(self, count: int) -> None:
+        """Raise QueueFullError unless `count` more images fit the queue now (a check only: it
+        takes nothing; the service uses it to refuse before reading a request's body)."""
+        if self._waiting + count > self.max_queue_images:
+            raise QueueFullError(
+                f"model {self.name}: {self._waiting} images waiting, "
+                f"{count} more would exceed max_queue_images={self.max_queue_images}",
+                retry_after_s=self._retry_after_s,
+            )
+
+    @asynccontextmanager
+    async def admit(self, count: int) -> AsyncIterator[Ticket]:
+        """Room for `count` images from now until they have run, or NotReadyError /
+        QueueFullError (nothing taken). Room the ticket did not hand to the queue comes back
+        when the block ends, however it ends."""
+        if self._closed or self._task is None:
+            raise NotReadyError(
+                f"model {self.name} is not serving", retry_after_s=self._retry_after_s
+            )
+        self.ensure_room(count)
+        ticket = Ticket(self, count)
+        self._set_waiting(count)
+        try:
+            yield ticket
+        finally:
+            self._set_waiting(-ticket._held)
+            ticket._held = 0
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            try:
+                await self._run_batch(loop, batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _collect(self) -> list[_Item]:
+        batch: list[_Item] = []
+        deadline: float | None = None
+        while len(batch) < self.max_batch_size:
+            if deadline is None:
+                item = await self._queue.get()
+            else:
+                try:
+                    item = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        async with asyncio.timeout(remaining):
+                            item = await self._queue.get()
+                    except TimeoutError:
+                        break
+            if item.ticket.gone:  # its request gave up (timeout, error in a sibling image)
+                self._set_waiting(-1)
+                self._queue.task_done()
+                continue
+            if deadline is None:
+                deadline = item.enqueued + self.max_delay_s
+            batch.append(item)
+        return batch
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        start = time.monotonic()
+        self._set_waiting(-len(batch))
+        # Requests can give up while their batch forms (up to max_delay_ms): skip their images.
+        batch = [item for item in batch if not item.ticket.gone]
+        if not batch:
+            return
+        for item in batch:
+            self._queue_wait.observe(start - item.enqueued)
+        self._batch_size.observe(len(batch))
+        try:
+            images = np.stack([item.image for item in batch])
+            infer_start = time.monotonic()
+            outputs = await loop.run_in_executor(self._executor, self._infer, images)
+            _record(batch, start, infer_start, time.monotonic())
+            sizes = [len(output) for output in outputs]
+            if not outputs or any(size != len(batch) for size in sizes):
+                raise InferenceError(
+                    f"model {self.name}: {len(batch)} inputs gave outputs of sizes {sizes}"
+                )
+        except ServiceError as exc:
+            self._fail(batch, exc)
+        except Exception as exc:
+            error = InferenceError(f"model {self.name}: inference failed: {exc}")
+            error.__cause__ = exc
+            self._fail(batch, error)
+        else:
+            for row, item in enumerate(batch):
+                if not item.ticket.gone:
+                    item.ticket._deliver(item.index, outputs, row)
+        finally:
+            self._inference_latency.observe(time.monotonic() - start)
+
+    def _set_waiting(self, change: int) -> None:
+        self._waiting += change
+        self._queue_depth.set(self._waiting)
+
+    @staticmethod
+    def _fail(batch: list[_Item], error: Exception) -> None:
+        for item in batch:
+            item.ticket._fail(error)
+
+
+def _record(batch: list[_Item], start: float, infer_start: float, infer_end: float) -> None:
+    """Tell traced requests which batch ran their images, and when (service/tracing.py)."""
+    for item in batch:
+        trace = item.ticket.trace
+        if trace is not None:
+            trace.runs.append((item.enqueued, start, infer_start, infer_end, len(batch)))

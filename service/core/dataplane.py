@@ -1,0 +1,219 @@
+"""The data plane, free of HTTP and gRPC: one inference request (`DataPlane.request` -> `Call`)
+from encoded images or tensors to outputs, over the models of a `ModelRegistry` it is given.
+
+`request` resolves the model, holds its version for the request, checks readiness and queue
+room (a full queue refuses before the body is read), enforces the timeout, stops working for a
+client that has gone (499), and records the outcome in the metrics. Inside it, `Call` runs one
+way: admit (queue room for every image, or 503) -> decode into the request's input array in the
+decode pool -> batch -> outputs; post-processing (`postprocess`) is the adapters' last step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import numpy as np
+
+from contract.cpu import usable_cores
+from contract.repository import ModelEntry
+from runtime.gpu_decode import image_preprocessor
+from runtime.preprocess import OversizedImageError, UndecodableImageError
+
+from .batcher import OutputArrays
+from .errors import (
+    ClientDisconnectedError,
+    ImageTooLargeError,
+    InvalidImageError,
+    InvalidParameterError,
+    NotReadyError,
+    RequestTimeoutError,
+    ServiceError,
+)
+from .metrics import Metrics
+from .postprocess import predictions, unit_norm
+from .registry import ModelRegistry, ServedModel
+from .settings import Settings
+from .tracing import annotate_model, stage
+
+DEFAULT_TOP_K = 5
+T = TypeVar("T")
+Disconnected = Callable[[], Awaitable[object]]
+
+
+class DataPlane:
+    """The request path over a registry's models, and the thread pool that decodes images."""
+
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics) -> None:
+        self.registry, self.settings, self.metrics = registry, settings, metrics
+        self._preprocess_into = image_preprocessor(
+            settings.jpeg_decoder, dct_scaling=settings.jpeg_dct_scaling
+        )
+        self._decode_pool: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        workers = self.settings.decode_workers or usable_cores()
+        self._decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+
+    async def stop(self) -> None:
+        """Release the decode threads (after the registry stopped: nothing is queued)."""
+        if self._decode_pool is not None:
+            await asyncio.to_thread(self._decode_pool.shutdown, wait=True, cancel_futures=True)
+
+    @asynccontextmanager
+    async def request(
+        self, name: str | None, endpoint: str, *, disconnected: Disconnected | None = None
+    ) -> AsyncIterator[Call]:
+        """One inference request: resolves its model, enforces readiness and the timeout, stops
+        working for it once `disconnected()` completes (its client has gone: 499) or once the
+        protocol cancels it (a gRPC client that cancelled: 499 as well), and records its
+        outcome in the metrics. A full queue refuses here, before the body is read."""
+        try:
+            model = self.registry.resolve(name)
+        except ServiceError as exc:
+            self.metrics.requests.labels("", endpoint, str(exc.status)).inc()
+            raise
+        label, start, status = model.entry.name, time.monotonic(), 500
+        annotate_model(label, model.entry.version)
+        in_flight = self.metrics.in_flight.labels(label)
+        in_flight.inc()
+        timeout = asyncio.timeout(self.settings.request_timeout_ms / 1000.0)
+        try:
+            with model.use():
+                if model.state != "ready" or model.batcher is None:
+                    raise NotReadyError(
+                        f"model {label} is {model.state}",
+                        retry_after_s=self.settings.retry_after_s,
+                    )
+                model.batcher.ensure_room(1)
+                async with timeout:
+                    yield Call(self, model, disconnected)
+            status = 200
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            status = RequestTimeoutError.status
+            raise RequestTimeoutError(
+                f"no answer within request_timeout_ms={self.settings.request_timeout_ms}"
+            ) from None
+        except ServiceError as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = ClientDisconnectedError.status  # the protocol gave up on it (gRPC cancel)
+            raise
+        finally:
+            in_flight.dec()
+            self.metrics.requests.labels(label, endpoint, str(status)).inc()
+            self.metrics.request_latency.labels(label, endpoint).observe(time.monotonic() - start)
+
+    async def decode(self, model: ServedModel, blobs: Sequence[bytes], images: np.ndarray) -> None:
+        """Each encoded image's model input written into its row of `images`, in the pool."""
+        loop = asyncio.get_running_loop()
+        jobs = [
+            loop.run_in_executor(self._decode_pool, self._preprocess, model, index, blob, out)
+            for index, (blob, out) in enumerate(zip(blobs, images, strict=True))
+        ]
+        for result in await asyncio.gather(*jobs, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
+
+    def _preprocess(self, model: ServedModel, index: int, blob: bytes, out: np.ndarray) -> None:
+        start = time.monotonic()
+        try:
+            self._preprocess_into(
+                blob, model.entry.preprocessing, out, max_pixels=self.settings.max_image_pixels
+            )
+        except UndecodableImageError as exc:
+            raise InvalidImageError(f"image {index}: {exc}") from None
+        except OversizedImageError as exc:
+            raise ImageTooLargeError(f"image {index}: {exc}") from None
+        self.metrics.preprocess_latency.labels(model.entry.name).observe(time.monotonic() - start)
+
+
+class Call:
+    """What one request may ask of its model: admit -> decode -> batch, in one direction. Every
+    method stops at once when the client disconnects."""
+
+    def __init__(
+        self, plane: DataPlane, model: ServedModel, disconnected: Disconnected | None
+    ) -> None:
+        assert model.batcher is not None
+        self._plane, self.model, self._batcher = plane, model, model.batcher
+        self._disconnected = disconnected
+
+    @property
+    def entry(self) -> ModelEntry:
+        return self.model.entry
+
+    def top_k(self, k: int | None) -> int:
+        """The number of classes to answer with: `k`, or 5 (all if fewer) when not given."""
+        classes = self.entry.num_classes
+        if k is None:
+            return min(DEFAULT_TOP_K, classes)
+        if k > classes:
+            raise InvalidParameterError(f"top_k={k} exceeds the model's {classes} classes")
+        return k
+
+    async def classify(self, blobs: Sequence[bytes], k: int) -> list[list[dict[str, Any]]]:
+        logits, _ = await self.infer(blobs)
+        return predictions(logits, self.entry.labels, k)
+
+    async def embed(self, blobs: Sequence[bytes], *, normalize: bool) -> np.ndarray:
+        _, embeddings = await self.infer(blobs)
+        embeddings = unit_norm(embeddings) if normalize else embeddings
+        return np.ascontiguousarray(embeddings, dtype=np.float32)
+
+    async def infer(self, blobs: Sequence[bytes]) -> OutputArrays:
+        """(logits [N, classes], embeddings [N, dim]) for encoded images, in order."""
+        return await self._unless_disconnected(self._decode_and_run(blobs))
+
+    async def infer_tensors(self, images: np.ndarray) -> OutputArrays:
+        """The same for inputs already preprocessed, float32 [N, *input_shape] (Open Inference
+        Protocol tensors): they join the same batcher as decoded images."""
+        return await self._unless_disconnected(self._run(images))
+
+    async def _decode_and_run(self, blobs: Sequence[bytes]) -> OutputArrays:
+        # The room is the ticket's while decoding: a burst is refused (503) before any decoding
+        # is spent on it.
+        async with self._batcher.admit(len(blobs)) as ticket:
+            images = np.empty((len(blobs), *self.entry.input_shape), dtype=np.float32)
+            with stage("decode"):
+                await self._plane.decode(self.model, blobs, images)
+            self._count(len(images))
+            return await ticket.run(images)
+
+    async def _run(self, images: np.ndarray) -> OutputArrays:
+        async with self._batcher.admit(len(images)) as ticket:
+            self._count(len(images))
+            return await ticket.run(images)
+
+    def _count(self, images: int) -> None:
+        """Images sent to inference: counted once admitted and decoded, never when refused."""
+        self._plane.metrics.images.labels(self.entry.name).inc(images)
+
+    async def _unless_disconnected(self, work: Coroutine[Any, Any, T]) -> T:
+        if self._disconnected is None:
+            return await work
+        return await unless_disconnected(self._disconnected, work)
+
+
+async def unless_disconnected(disconnected: Disconnected, work: Coroutine[Any, Any, T]) -> T:
+    """The result of `work`, or ClientDisconnectedError as soon as `disconnected()` returns, with
+    `work` cancelled: its images still waiting for a batch are dropped."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Also reached when this request is cancelled (its timeout): neither task outlives it.
+        for pending in (task, watcher):
+            pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnectedError("client disconnected before its answer was ready")
+    return task.result()

@@ -1,0 +1,93 @@
+"""Every error a request can end with: a class carrying its status (HTTP's; gRPC maps it) and a
+stable code, free of any web framework. The protocol adapters render them: one handler for HTTP
+(service/protocols/http_errors.py), one status map for gRPC (service/protocols/oip_grpc.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+
+class ServiceError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class InvalidImageError(ServiceError):
+    status, code = 400, "invalid_image"
+
+
+class EmptyRequestError(ServiceError):
+    status, code = 400, "empty_request"
+
+
+class MalformedRequestError(ServiceError):
+    status, code = 400, "malformed_request"
+
+
+class ModelNotFoundError(ServiceError):
+    status, code = 404, "model_not_found"
+
+
+class RequestTooLargeError(ServiceError):
+    status, code = 413, "request_too_large"
+
+
+class ImageTooLargeError(ServiceError):
+    status, code = 413, "image_too_large"
+
+
+class TooManyImagesError(ServiceError):
+    status, code = 413, "too_many_images"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidParameterError(ServiceError):
+    status, code = 422, "invalid_parameter"
+
+
+class InferenceError(ServiceError):
+    status, code = 500, "inference_failed"
+
+
+class UnavailableError(ServiceError):
+    """503s tell the client when to come back."""
+
+    status, code = 503, "unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class NotReadyError(UnavailableError):
+    code = "not_ready"
+
+
+class QueueFullError(UnavailableError):
+    code = "queue_full"
+
+
+class RequestTimeoutError(ServiceError):
+    status, code = 504, "timeout"
+
+
+class ModelLoadError(ServiceError):
+    """A version was refused: its metadata, graph or warm-up failed (Triton answers 400)."""
+
+    status, code = 400, "load_failed"
+
+
+class ClientDisconnectedError(ServiceError):
+    """The client went away before its answer. Nobody reads this response; its status (nginx's
+    499) keeps the metrics and the log honest about why the request ended."""
+
+    status, code = 499, "client_closed_request"

@@ -1,0 +1,327 @@
+"""The Open Inference Protocol over gRPC (KServe v2 `inference.GRPCInferenceService`), served by
+the same process and event loop as HTTP (grpc.aio), through the same data plane.
+
+The protocol definition is Triton's `grpc_service.proto` as compiled in `tritonclient.grpc`
+(`service_pb2`): it is KServe's `grpc_predict_v2.proto` (same package `inference`, same service
+name, same messages and field numbers) plus Triton's extensions, so KServe and Triton clients
+both speak to it. Reusing the generated, released messages avoids a code generation step. Only
+KServe's RPCs are registered; Triton's extensions answer UNIMPLEMENTED (grpc does that for an
+unknown method, without calling any code of ours).
+
+ModelInfer arrives as bytes: the message is deserialized here (in a thread when it is large, so
+that a big message cannot hold the event loop), converted once into the neutral `InferRequest`
+(oip_codec) with the same checks as HTTP, run, and its outputs built straight into a
+`ModelInferResponse` (`raw_output_contents`, the classification extension included). Errors
+map to status codes as Triton maps them; 503s carry `retry-after` in the trailing metadata. A
+client that cancels its call ends its request as a departed HTTP client does (499).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+from tritonclient.grpc import service_pb2 as pb
+
+from contract.repository import ModelEntry
+
+from ..core.dataplane import DataPlane
+from ..core.errors import MalformedRequestError, ServiceError, UnavailableError
+from ..core.registry import ServedModel
+from ..core.settings import Settings
+from ..core.tracing import Tracing
+from .auth import AccessPolicy, Scope
+from .oip_codec import (
+    EXTENSIONS,
+    IMAGE_BYTES,
+    InferRequest,
+    bytes_shape,
+    check_count,
+    check_input,
+    check_version,
+    deserialize_bytes,
+    finite,
+    fp32_from_raw,
+    fp32_shape,
+    model_metadata,
+    output_sizes,
+    output_tensors,
+    requested_outputs,
+    serialize,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+ENDPOINT = "grpc_infer"
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    499: grpc.StatusCode.CANCELLED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+# Messages above this are deserialized and converted in a thread, off the event loop.
+_PARSE_INLINE_BYTES = 1 << 20
+_MAX_DIMS = 8
+
+
+def status_code(error: ServiceError) -> grpc.StatusCode:
+    return _CODES.get(error.status, grpc.StatusCode.INTERNAL)
+
+
+# -- proto <-> the neutral request -------------------------------------------------------------
+
+
+def parse_grpc(request: Any, entry: ModelEntry, max_images: int) -> InferRequest:
+    """A ModelInferRequest, checked against the model as HTTP requests are. Every repeated
+    field's length is checked (an O(1) question) before any of it is converted."""
+    if len(request.inputs) != 1:
+        raise MalformedRequestError(
+            f"a request holds exactly one input ({entry.input_name!r} FP32 or "
+            f"{IMAGE_BYTES!r} BYTES), not {len(request.inputs)}"
+        )
+    tensor = request.inputs[0]
+    if len(tensor.shape) > _MAX_DIMS:
+        raise MalformedRequestError(f"input {tensor.name!r}: shape has more than {_MAX_DIMS} dims")
+    shape = list(tensor.shape)
+    check_input(entry, tensor.name, shape, max_images)
+    raws = request.raw_input_contents
+    if len(raws) > 1:
+        raise MalformedRequestError(f"{len(raws)} raw_input_contents for one input")
+    if raws and tensor.HasField("contents"):
+        raise MalformedRequestError("an input has both contents and raw_input_contents")
+    contents = tensor.contents
+    images, blobs = None, []
+    if tensor.name == entry.input_name:
+        count = fp32_shape(entry, tensor.name, tensor.datatype, shape)
+        if raws:
+            images = fp32_from_raw(tensor.name, raws[0], shape)
+        elif len(contents.fp32_contents) == count:
+            values = np.asarray(contents.fp32_contents, dtype=np.float32)
+            images = finite(tensor.name, values, shape)
+        elif contents.fp32_contents:
+            raise MalformedRequestError(
+                f"input {tensor.name!r}: {len(contents.fp32_contents)} values for shape {shape}"
+            )
+        else:
+            raise MalformedRequestError(f"input {tensor.name!r} has no data")
+    else:
+        count = bytes_shape(tensor.datatype, shape)
+        if raws:
+            found = deserialize_bytes(raws[0], count)
+        elif contents.bytes_contents:
+            if len(contents.bytes_contents) != count:
+                check_count([b""] * min(len(contents.bytes_contents), count + 1), count, shape)
+            found = list(contents.bytes_contents)
+        else:
+            raise MalformedRequestError(f"input {tensor.name!r} has no data")
+        blobs = check_count(found, count, shape)
+    return InferRequest(request.id or None, images, blobs, _outputs(request, entry))
+
+
+def _outputs(request: Any, entry: ModelEntry) -> list[Any]:
+    known = len(output_sizes(entry))
+    if len(request.outputs) > known:
+        raise MalformedRequestError(
+            f"{len(request.outputs)} outputs requested; model {entry.name} has {known}"
+        )
+    asked = []
+    for output in request.outputs:
+        classes = 0
+        if "classification" in output.parameters:
+            parameter = output.parameters["classification"]
+            if parameter.WhichOneof("parameter_choice") != "int64_param":
+                raise MalformedRequestError(
+                    f"output {output.name!r}: classification must be an int64 parameter"
+                )
+            classes = parameter.int64_param
+        asked.append((output.name, classes, True))
+    return requested_outputs(entry, asked, default_binary=True)
+
+
+def encode_grpc(entry: ModelEntry, request: InferRequest, results: dict[str, np.ndarray]) -> Any:
+    """The ModelInferResponse: every output as raw contents."""
+    tensors = output_tensors(entry, request, results)
+    return pb.ModelInferResponse(
+        model_name=entry.name,
+        model_version=str(entry.version),
+        id=request.id or "",
+        outputs=[
+            pb.ModelInferResponse.InferOutputTensor(name=o.name, datatype=datatype, shape=shape)
+            for o, datatype, shape, _ in tensors
+        ],
+        raw_output_contents=[serialize(data) for *_, data in tensors],
+    )
+
+
+def _deserialize(raw: bytes) -> Any:
+    try:
+        return pb.ModelInferRequest.FromString(raw)
+    except DecodeError as exc:
+        raise MalformedRequestError(f"not a ModelInferRequest: {exc}") from None
+
+
+# -- the servicer ------------------------------------------------------------------------------
+
+
+class InferenceServicer:
+    """KServe's v2 RPCs over one DataPlane."""
+
+    def __init__(
+        self, plane: DataPlane, access: AccessPolicy, tracing: Tracing, *, name: str, version: str
+    ) -> None:
+        self.plane, self.access, self.tracing = plane, access, tracing
+        self.name, self.version = name, version
+
+    # Probes are open, as /healthz and /readyz are on HTTP.
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self.plane.registry.ready)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        await self._authorize(context, "inference")
+        try:  # an unknown model or version is not ready, as on HTTP (where it is a 404)
+            model = check_version(self.plane.registry.resolve(request.name), request.version)
+        except ServiceError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=model.state == "ready")
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        await self._authorize(context, "inference")
+        return pb.ServerMetadataResponse(
+            name=self.name, version=self.version, extensions=list(EXTENSIONS)
+        )
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        await self._authorize(context, "inference")
+        model = await self._find(context, request.name, request.version)
+        meta = model_metadata(model.entry)
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]],
+        )
+
+    async def ModelInfer(self, raw: bytes, context: Any) -> Any:
+        """`raw` is the serialized ModelInferRequest (see `handlers`)."""
+        await self._authorize(context, "inference")
+        plane, limit = self.plane, self.plane.settings.max_images_per_request
+        metadata = dict(context.invocation_metadata() or ())
+        with self.tracing.receive("ModelInfer", metadata, protocol="grpc") as span:
+            try:
+                if len(raw) > _PARSE_INLINE_BYTES:
+                    request = await asyncio.to_thread(_deserialize, raw)
+                else:
+                    request = _deserialize(raw)
+                async with plane.request(request.model_name, ENDPOINT) as call:
+                    entry = check_version(call.model, request.model_version).entry
+                    span.set_model(entry.name, entry.version)
+                    if len(raw) > _PARSE_INLINE_BYTES:
+                        parsed = await asyncio.to_thread(parse_grpc, request, entry, limit)
+                    else:
+                        parsed = parse_grpc(request, entry, limit)
+                    if parsed.images is not None:
+                        logits, embeddings = await call.infer_tensors(parsed.images)
+                    else:
+                        logits, embeddings = await call.infer(parsed.blobs)
+                results = {entry.logits_name: logits, entry.embedding_name: embeddings}
+                return encode_grpc(entry, parsed, results)
+            except ServiceError as exc:
+                await _abort(context, exc)
+                raise  # unreachable: abort raises
+
+    async def _authorize(self, context: Any, scope: Scope) -> None:
+        if not self.access.enabled:
+            return
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                authorization = value.encode() if isinstance(value, str) else value
+        reason = self.access.check(scope, authorization)
+        if reason is not None:
+            self.access.refused("grpc", reason, "gRPC")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{reason} bearer token: send metadata 'authorization: Bearer <{scope} token>'",
+            )
+
+    async def _find(self, context: Any, name: str, version: str) -> ServedModel:
+        try:
+            return check_version(self.plane.registry.resolve(name), version)
+        except ServiceError as exc:
+            await _abort(context, exc)
+            raise  # unreachable
+
+
+async def _abort(context: Any, error: ServiceError) -> None:
+    if isinstance(error, UnavailableError):
+        context.set_trailing_metadata((("retry-after", error.headers.get("Retry-After", "1")),))
+    await context.abort(status_code(error), error.message)
+
+
+def handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """KServe's RPCs; ModelInfer takes its message as bytes, deserialized by the servicer."""
+
+    def unary(method: Any, request: Any, response: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            method,
+            request_deserializer=request.FromString if request is not None else None,
+            response_serializer=response.SerializeToString,
+        )
+
+    s = servicer
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "ServerLive": unary(s.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
+            "ServerReady": unary(s.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
+            "ModelReady": unary(s.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            "ServerMetadata": unary(
+                s.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse
+            ),
+            "ModelMetadata": unary(
+                s.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse
+            ),
+            "ModelInfer": unary(s.ModelInfer, None, pb.ModelInferResponse),
+        },
+    )
+
+
+async def serve(
+    settings: Settings,
+    plane: DataPlane,
+    access: AccessPolicy,
+    tracing: Tracing,
+    *,
+    name: str,
+    version: str,
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server on `settings.grpc_port`, started on the running loop, and its port."""
+    limit = settings.max_request_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    servicer = InferenceServicer(plane, access, tracing, name=name, version=version)
+    server.add_generic_rpc_handlers((handlers(servicer),))
+    address = f"{settings.host}:{settings.grpc_port}"
+    port = server.add_insecure_port(address)
+    await server.start()
+    log.info("Open Inference Protocol over gRPC on %s", address)
+    return server, port
