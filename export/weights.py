@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,6 +17,8 @@ from contract.hashing import sha256_file
 from models.checkpoint import WeightsUnavailableError, fetch_pretrained, load_checkpoint
 from models.registry import ArchSpec
 from models.resnet import ResNet
+
+from .settings import ExportSettings
 
 RANDOM = re.compile(r"^random(?::(\d+))?$")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".th", ".ckpt", ".bin")
@@ -99,7 +102,7 @@ def resolve_weights(
     if pretrained is Pretrained.NEVER or keyword is None:
         return f"random:{seed}"
     try:
-        fetch_pretrained(spec, keyword, mirror=mirror)
+        fetch_pretrained(spec, keyword, mirror=mirror, **_cache())
     except WeightsUnavailableError as exc:
         if pretrained is Pretrained.REQUIRE:
             raise
@@ -125,12 +128,19 @@ def load_model(
         model = calibrate_batchnorm(spec.build(), spec.input_size, seed)
         return model, WeightsInfo(f"random:{seed}", state_dict_sha256(model), trained=False)
     if source in spec.pretrained:
-        path = fetch_pretrained(spec, source, mirror=mirror)
+        path = fetch_pretrained(spec, source, mirror=mirror, **_cache())
         model = load_checkpoint(spec, path)
         return model, WeightsInfo(source, sha256_file(path), trained=True)
     path = Path(source)
     model = load_checkpoint(spec, path)
     return model, WeightsInfo(str(path), sha256_file(path), trained=True)
+
+
+def _cache() -> dict[str, Any]:
+    """Where official weights are cached and whether they may be downloaded (the environment:
+    RESNET_SERVE_CACHE, RESNET_SERVE_OFFLINE)."""
+    settings = ExportSettings()
+    return {"cache_dir": settings.weights_cache, "offline": settings.offline}
 
 
 def find_checkpoint(spec: ArchSpec, weights_dir: Path) -> Path | None:

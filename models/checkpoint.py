@@ -125,13 +125,6 @@ def load_checkpoint(spec: ArchSpec, path: str | os.PathLike[str]) -> nn.Module:
     return load_weights(spec.build(), read_state_dict(path)).eval()
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("RESNET_SERVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "resnet-serve"
-    )
-    return Path(base) / "weights"
-
-
 class WeightsUnavailableError(CheckpointError):
     """Official weights could not be had (offline, unreachable): the caller may fall back."""
 
@@ -143,8 +136,8 @@ def fetch_pretrained(
     spec: ArchSpec,
     keyword: str,
     *,
-    cache_dir: Path | None = None,
-    offline: bool | None = None,
+    cache_dir: Path,
+    offline: bool = False,
     mirror: str | None = None,
 ) -> Path:
     """Path to the official weights `keyword` for `spec`, downloading them once into the cache.
@@ -153,8 +146,8 @@ def fetch_pretrained(
     file name): a file whose sha256 does not start with that prefix is refused and nothing is
     written. `mirror` replaces the directory of the published URL (an internal mirror holding
     the same file names). A file already in the cache (or placed there by hand, for air-gapped
-    hosts) is verified and used without network. Offline (`RESNET_SERVE_OFFLINE=1`) or
-    unreachable, it raises WeightsUnavailableError.
+    hosts) is verified and used without network. `offline`, or unreachable, it raises
+    WeightsUnavailableError. (The exporter reads both from its environment: export/settings.py.)
     """
     try:
         weights = spec.pretrained[keyword]
@@ -163,12 +156,9 @@ def fetch_pretrained(
         raise CheckpointError(
             f"{spec.name} has no pretrained weights {keyword!r} (available: {known})"
         ) from None
-    cache_dir = cache_dir or default_cache_dir()
     file_name = weights.url.rsplit("/", 1)[-1]
     url = f"{mirror.rstrip('/')}/{file_name}" if mirror else weights.url
     target = cache_dir / file_name
-    if offline is None:
-        offline = os.environ.get("RESNET_SERVE_OFFLINE", "") not in ("", "0")
     if not target.exists():
         if offline:
             raise WeightsUnavailableError(

@@ -64,16 +64,16 @@ def test_matching_hash_prefix_downloads_once_then_serves_from_the_cache(
     url, root = mirror
     shutil.copy(published(RESNET20), root / RESNET20)
     spec = get_spec("cifar_resnet20")
-    path = fetch_pretrained(spec, "akamaster", mirror=url)
+    path = fetch_pretrained(spec, "akamaster", mirror=url, cache_dir=cache)
     assert path == cache / RESNET20
     assert sha256_file(path) == sha256_file(published(RESNET20))
     assert [p.name for p in cache.iterdir()] == [RESNET20]  # no partial file left
     load_checkpoint(spec, path)
     (root / RESNET20).unlink()  # cached now: no download, even offline
-    assert fetch_pretrained(spec, "akamaster", mirror=url, offline=True) == path
+    assert fetch_pretrained(spec, "akamaster", mirror=url, cache_dir=cache, offline=True) == path
     path.write_bytes(path.read_bytes()[:-1])  # a cache file damaged later is never used
     with pytest.raises(CheckpointError, match="expected a hash starting with 12fca82f"):
-        fetch_pretrained(spec, "akamaster", mirror=url)
+        fetch_pretrained(spec, "akamaster", mirror=url, cache_dir=cache)
 
 
 def test_a_file_whose_hash_does_not_match_is_refused_and_nothing_is_written(
@@ -82,7 +82,7 @@ def test_a_file_whose_hash_does_not_match_is_refused_and_nothing_is_written(
     url, root = mirror
     shutil.copy(published(RESNET32), root / RESNET20)  # another file under the published name
     with pytest.raises(CheckpointError, match=r'refused .*invalid hash value.*expected "12fca82f"'):
-        fetch_pretrained(get_spec("cifar_resnet20"), "akamaster", mirror=url)
+        fetch_pretrained(get_spec("cifar_resnet20"), "akamaster", mirror=url, cache_dir=cache)
     assert list(cache.iterdir()) == []
 
 
@@ -95,14 +95,14 @@ def test_unreachable_or_offline_is_unavailable_not_corrupt(
         WeightsUnavailableError,
         match=r"cannot download http://127\.0\.0\.1:.*resnet20-12fca82f\.th: File not found",
     ):
-        fetch_pretrained(spec, "akamaster", mirror=url)
+        fetch_pretrained(spec, "akamaster", mirror=url, cache_dir=cache)
     with pytest.raises(WeightsUnavailableError, match="downloads are off"):
-        fetch_pretrained(spec, "akamaster", offline=True)
+        fetch_pretrained(spec, "akamaster", cache_dir=cache, offline=True)
     bad = dataclasses.replace(
         spec, pretrained={"x": PretrainedWeights(url + "a.pth", "00000000", "test")}
     )
     with pytest.raises(CheckpointError, match="has no pretrained weights 'nope'"):
-        fetch_pretrained(bad, "nope")
+        fetch_pretrained(bad, "nope", cache_dir=cache)
     assert list(cache.iterdir()) == []
 
 
