@@ -47,6 +47,7 @@ test-docker: venv
 # decoding included, and inference alone) and over HTTP at concurrency 1-32, then `auto` per
 # depth (fp32 beside the chosen precision, every candidate measured by the exporter).
 PHOTOS ?= ../shared/data/photos
+CIFAR_LABELED ?= ../shared/data/cifar10-test/cifar10_test_2000.npz
 PERF := bench-results/perf-repo
 bench: venv
 	$(BIN)/python -m bench engine --compare-torch --weights-dir $(WEIGHTS) --out bench-results
@@ -67,14 +68,14 @@ bench-resnet50: venv
 
 bench-precision: venv
 	$(BIN)/python -m bench precision --weights-dir $(WEIGHTS) --images $(PHOTOS) \
-		--out bench-results/precision
+		--cifar-labeled $(CIFAR_LABELED) --out bench-results/precision
 	cp bench-results/precision/precision_vs_depth.png docs/precision_vs_depth.png
 
 # README "Image decoding": per photo (500x375, 2400x1600) on one core, and CIFAR accuracy on
 # upscaled JPEGs decoded in full and with DCT scaling.
 bench-decode: venv
 	$(BIN)/python -m bench decode --images $(PHOTOS) --size 500x375,2400x1600 --cifar-accuracy \
-		--out bench-results/decode
+		--cifar-labeled $(CIFAR_LABELED) --out bench-results/decode
 
 # ResNet-50 fp32, one setting changed at a time (README "ResNet-50 over HTTP", ~4 min): each
 # directory holds batch 1 in process and concurrency 32 over HTTP; `default` runs three times.

@@ -221,15 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument(
         "--images",
         type=Path,
-        default=Path("../shared/data/photos"),
-        help="real photos: gate and calibration of the ImageNet models (default: %(default)s)",
+        required=True,
+        help="real photos: gate and calibration of the ImageNet models",
     )
     precision.add_argument(
         "--cifar-labeled",
         type=Path,
-        default=Path("../shared/data/cifar10-test/cifar10_test_2000.npz"),
-        help="labeled CIFAR-10 .npz: gate and calibration of the CIFAR models "
-        "(default: %(default)s)",
+        required=True,
+        help="labeled CIFAR-10 .npz: gate and calibration of the CIFAR models",
     )
     precision.add_argument("--out", type=Path, default=DEFAULT_OUT / "precision")
 
@@ -240,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with and without DCT scaling) and a crop-box resize, per photo of one size, pinned to "
         "one core; each alternative's model input is compared with the service's.",
     )
-    decode.add_argument("--images", type=Path, default=Path("../shared/data/photos"))
+    decode.add_argument("--images", type=Path, required=True, help="a directory of photos")
     decode.add_argument(
         "--size",
         default="500x375",
@@ -259,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument(
         "--cifar-labeled",
         type=Path,
-        default=Path("../shared/data/cifar10-test/cifar10_test_2000.npz"),
+        help="labeled CIFAR-10 .npz (needed with --cifar-accuracy)",
     )
     decode.add_argument(
         "--cifar-checkpoint", type=Path, default=Path("weights/resnet20-12fca82f.th")
@@ -278,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument(
         "--images",
         type=Path,
-        default=Path("../shared/data/photos"),
-        help="real photos for the fp16 gate and the HTTP load (default: %(default)s)",
+        required=True,
+        help="real photos for the fp16 gate and the HTTP load",
     )
     gpu.add_argument(
         "--weights-dir",
@@ -483,6 +482,8 @@ def run_decode_mode(args: argparse.Namespace, command: str) -> int:
         section["sizes"][size] = result
         text += f"\n{len(result['photos'])} JPEG photos of {size}:\n\n{decode.table(result)}\n"
     if args.cifar_accuracy:
+        if args.cifar_labeled is None:
+            raise ValueError("--cifar-accuracy needs --cifar-labeled (the labeled CIFAR-10 .npz)")
         section["cifar_upscaled"] = decode.upscaled_cifar_accuracy(
             args.cifar_labeled, args.cifar_checkpoint
         )

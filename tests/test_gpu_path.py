@@ -302,7 +302,7 @@ def test_fp16_export_keeps_float32_io_and_records_the_gate_device(tmp_path: Path
 def test_gpu_check_refuses_a_host_without_cuda_at_once(tmp_path: Path) -> None:
     out = tmp_path / "gpu"
     started = time.monotonic()
-    result = run_module("bench", "gpu", "--out", str(out), timeout_s=60)
+    result = run_module("bench", "gpu", "--out", str(out), "--images", str(PHOTOS), timeout_s=60)
     elapsed = time.monotonic() - started
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
