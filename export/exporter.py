@@ -196,7 +196,7 @@ def export_model(request: ExportRequest) -> ExportResult:
     version = request.version or (plan.existing[-1] + 1 if plan.existing else 1)
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as tmp:
         verified = verify(plan, model, Path(tmp))
-        metadata = describe(plan, version, Weights(**weights.to_dict()), verified)
+        metadata = build_metadata(plan, version, Weights(**weights.to_dict()), verified)
         target = repository.write_version(plan.out, metadata, verified.served)
     triton.write_model_config(plan.out, plan.name)
     return ExportResult(plan.name, version, target, False, metadata.model_dump(mode="json"))
@@ -275,7 +275,7 @@ def verify(plan: Plan, model: torch.nn.Module, tmp: Path) -> Verified:
     return Verified(served, Candidate.of(request.precision), parity, gate, None)
 
 
-def describe(plan: Plan, version: int, weights: Weights, verified: Verified) -> ModelMetadata:
+def build_metadata(plan: Plan, version: int, weights: Weights, verified: Verified) -> ModelMetadata:
     """metadata.json for the verified graph."""
     spec = plan.spec
     params, macs = complexity(spec)

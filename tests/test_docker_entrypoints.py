@@ -14,12 +14,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support.launcher import free_port, poll_until
 
 from .conftest import CIFAR_CHECKPOINT_FILES, CIFAR_CHECKPOINTS, ROOT, SHARED_DATA, require
 
@@ -118,7 +119,6 @@ def test_export_entrypoint_needs_a_repository(tmp_path: Path) -> None:
 
 @pytest.fixture
 def service(exported: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict]]:
-    from tests.support.launcher import free_port
 
     env = environment(
         RESNET_SERVE_MODEL_REPOSITORY=str(exported),
@@ -148,12 +148,13 @@ def test_serve_entrypoint_serves_the_export_and_stops_cleanly(
 ) -> None:
     process, env = service
     url = f"http://127.0.0.1:{env['RESNET_SERVE_PORT']}"
-    deadline = time.monotonic() + READY_DEADLINE_S
-    while healthcheck(env) != 0:
+
+    def healthy() -> bool:
         log = (tmp_path / "service.log").read_text("utf-8", "replace")
         assert process.poll() is None, f"service exited ({process.returncode}):\n{log}"
-        assert time.monotonic() < deadline, f"not ready within {READY_DEADLINE_S} s:\n{log}"
-        time.sleep(0.2)
+        return healthcheck(env) == 0
+
+    poll_until(healthy, READY_DEADLINE_S, "healthy (the image's probe)", every_s=0.2)
 
     image = require(SAMPLE).read_bytes()
     response = httpx.post(

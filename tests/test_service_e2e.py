@@ -8,7 +8,6 @@ import json
 import shutil
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -260,13 +259,13 @@ def test_readyz_is_503_until_every_model_is_loaded_and_warmed(
     with Service(slow_repo, tmp_path / "server.log", "--max-delay-ms=5") as service:
         service.wait_listening()
         seen: list[int] = []
-        refused_while_loading = 0
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        refused_while_loading: list[int] = []
+
+        def ready_yet() -> bool:
             ready = httpx.get(f"{service.url}/readyz")
             seen.append(ready.status_code)
             if ready.status_code == 200:
-                break
+                return True
             assert ready.headers["retry-after"] == "1"
             assert ready.json()["status"] == "loading"
             if ready.json()["models"]["resnet18"] == "loading":
@@ -276,9 +275,12 @@ def test_readyz_is_503_until_every_model_is_loaded_and_warmed(
                 if response.status_code == 503:  # else it became ready meanwhile
                     assert response.json()["error"]["code"] == "not_ready"
                     assert response.headers["retry-after"] == "1"
-                    refused_while_loading += 1
+                    refused_while_loading.append(503)
+            return False
+
+        poll_until(ready_yet, 60, "/readyz 200", every_s=0)
         assert seen[0] == 503 and seen[-1] == 200, seen
-        assert refused_while_loading > 0
+        assert refused_while_loading
         models = httpx.get(f"{service.url}/models").json()["models"]
         assert all(m["state"] == "ready" and m["warmed_batch_sizes"] for m in models)
         assert service.terminate() == 0

@@ -8,6 +8,7 @@ shows the new version, no request issued after it gets the old one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.launcher import Service
+from tests.support.launcher import Service, poll_until
 
 from .graphs import tiny_graph, write_entry
 from .images import solid
@@ -87,20 +88,21 @@ def swap_under_load(
         thread.start()
     deadline = time.monotonic() + deadline_s
     switched_at: float | None = None
+
+    def new_answers() -> list[tuple[float, float, int, int | None]]:
+        with lock:
+            return [r for r in records if r[3] == new_version]
+
     try:
-        while len(records) < 20 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        poll_until(lambda: len(records) >= 20, deadline_s, "answers flowing", every_s=0.01)
         triggered = time.monotonic()
         trigger_result = trigger()
         trigger_s = time.monotonic() - triggered
-        while time.monotonic() < deadline:
-            with lock:
-                new = [r for r in records if r[3] == new_version]
-            if new:
-                switched_at = min(r[1] for r in new)
-                if len(new) >= answers_after:
-                    break
-            time.sleep(0.01)
+        with contextlib.suppress(TimeoutError):  # judged below: "switched" or not
+            remaining = max(0.0, deadline - time.monotonic())
+            poll_until(lambda: len(new_answers()) >= answers_after, remaining, "new answers")
+        new = new_answers()
+        switched_at = min(r[1] for r in new) if new else None
     finally:
         stop.set()
         for thread in threads:
