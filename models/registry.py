@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -42,11 +42,15 @@ class PretrainedWeights:
     description: str
 
 
-@dataclass(frozen=True)
+Family = Literal["imagenet", "cifar"]
+Block = Literal["basic", "bottleneck"]
+
+
+@dataclass(frozen=True, kw_only=True)
 class ArchSpec:
     name: str
-    family: str  # "imagenet" | "cifar"
-    block: str  # "basic" | "bottleneck"
+    family: Family
+    block: Block
     layers: tuple[int, ...]
     shortcut: Shortcut
     preact: bool = False
@@ -190,7 +194,7 @@ _AKAMASTER = {
     44: ("resnet44-014dd654.th", "014dd654"),
     56: ("resnet56-4bfd9763.th", "4bfd9763"),
 }
-IMAGENET_LAYERS = {
+IMAGENET_LAYERS: dict[int, tuple[Block, tuple[int, ...]]] = {
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
@@ -218,24 +222,48 @@ for _depth, (_block, _layers) in IMAGENET_LAYERS.items():
         )
     )
     if _block == "bottleneck":
-        register(ArchSpec(f"resnet{_depth}_v1", "imagenet", _block, _layers, Shortcut.B, v1=True))
+        register(
+            ArchSpec(
+                name=f"resnet{_depth}_v1",
+                family="imagenet",
+                block=_block,
+                layers=_layers,
+                shortcut=Shortcut.B,
+                v1=True,
+            )
+        )
     register(
-        ArchSpec(f"preact_resnet{_depth}", "imagenet", _block, _layers, Shortcut.B, preact=True)
+        ArchSpec(
+            name=f"preact_resnet{_depth}",
+            family="imagenet",
+            block=_block,
+            layers=_layers,
+            shortcut=Shortcut.B,
+            preact=True,
+        )
     )
 for _depth in (18, 34):
     _block, _layers = IMAGENET_LAYERS[_depth]
-    register(ArchSpec(f"plain{_depth}", "imagenet", _block, _layers, Shortcut.NONE))
+    register(
+        ArchSpec(
+            name=f"plain{_depth}",
+            family="imagenet",
+            block=_block,
+            layers=_layers,
+            shortcut=Shortcut.NONE,
+        )
+    )
 
 for _depth in CIFAR_DEPTHS:
     _n = (_depth - 2) // 6
     _published = _AKAMASTER.get(_depth)
     register(
         ArchSpec(
-            f"cifar_resnet{_depth}",
-            "cifar",
-            "basic",
-            (_n,) * 3,
-            Shortcut.A,
+            name=f"cifar_resnet{_depth}",
+            family="cifar",
+            block="basic",
+            layers=(_n,) * 3,
+            shortcut=Shortcut.A,
             num_classes=10,
             pretrained={
                 "akamaster": PretrainedWeights(
@@ -253,18 +281,25 @@ for _depth in CIFAR_DEPTHS[:5]:
     for _option in (Shortcut.B, Shortcut.C):
         register(
             ArchSpec(
-                f"cifar_resnet{_depth}_{_option.value.lower()}",
-                "cifar",
-                "basic",
-                (_n,) * 3,
-                _option,
+                name=f"cifar_resnet{_depth}_{_option.value.lower()}",
+                family="cifar",
+                block="basic",
+                layers=(_n,) * 3,
+                shortcut=_option,
                 num_classes=10,
             )
         )
 for _depth in CIFAR_DEPTHS[:4]:
     _n = (_depth - 2) // 6
     register(
-        ArchSpec(f"cifar_plain{_depth}", "cifar", "basic", (_n,) * 3, Shortcut.NONE, num_classes=10)
+        ArchSpec(
+            name=f"cifar_plain{_depth}",
+            family="cifar",
+            block="basic",
+            layers=(_n,) * 3,
+            shortcut=Shortcut.NONE,
+            num_classes=10,
+        )
     )
 
 # Pre-activation CIFAR nets of [2]: ResNet-110 (basic), ResNet-164 and -1001 (bottleneck, 9n+2),
@@ -272,22 +307,22 @@ for _depth in CIFAR_DEPTHS[:4]:
 # stride on its first 1x1 convolution.
 register(
     ArchSpec(
-        "cifar_preact_resnet110",
-        "cifar",
-        "basic",
-        (18,) * 3,
-        Shortcut.B,
+        name="cifar_preact_resnet110",
+        family="cifar",
+        block="basic",
+        layers=(18,) * 3,
+        shortcut=Shortcut.B,
         preact=True,
         num_classes=10,
     )
 )
 register(
     ArchSpec(
-        "cifar_preact_resnet164",
-        "cifar",
-        "bottleneck",
-        (18,) * 3,
-        Shortcut.B,
+        name="cifar_preact_resnet164",
+        family="cifar",
+        block="bottleneck",
+        layers=(18,) * 3,
+        shortcut=Shortcut.B,
         preact=True,
         v1=True,
         num_classes=10,
@@ -295,11 +330,11 @@ register(
 )
 register(
     ArchSpec(
-        "cifar_preact_resnet1001",
-        "cifar",
-        "bottleneck",
-        (111,) * 3,
-        Shortcut.B,
+        name="cifar_preact_resnet1001",
+        family="cifar",
+        block="bottleneck",
+        layers=(111,) * 3,
+        shortcut=Shortcut.B,
         preact=True,
         v1=True,
         num_classes=10,
