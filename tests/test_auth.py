@@ -12,8 +12,8 @@ import pytest
 
 from tests.support.launcher import Service
 
-from .reliability.graphs import write_tiny
-from .reliability.images import solid
+from .support.graphs import write_tiny
+from .support.images import solid
 from .support.service import service_cli
 
 INFERENCE = "inference-token-0123456789abcdef"

@@ -43,8 +43,8 @@ from service.core.settings import Settings
 from service.protocols.app import create_app
 
 from .conftest import CIFAR_CHECKPOINT_FILES, CIFAR_CHECKPOINTS, PHOTOS, ROOT, require
-from .reliability.graphs import conv_graph, tiny_graph, write_entry
-from .reliability.images import sample_images
+from .support.graphs import conv_graph, tiny_graph, write_entry
+from .support.images import sample_images
 from .support.service import multipart, run_module, service_cli, wait_ready
 
 CROP = 16

@@ -18,8 +18,8 @@ from tritonclient.utils import InferenceServerException
 
 from tests.support.launcher import Service
 
-from .reliability.graphs import write_tiny
-from .reliability.images import sample_images
+from .support.graphs import write_tiny
+from .support.images import sample_images
 from .test_oip import MODEL, TOLERANCE, preprocessed, softmax
 
 

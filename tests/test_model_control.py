@@ -16,9 +16,9 @@ import pytest
 
 from tests.support.launcher import Service, poll_until
 
-from .reliability.graphs import tiny_graph, write_entry, write_tiny
-from .reliability.images import solid
 from .reliability.swap import swap_under_load, write_version_atomically
+from .support.graphs import tiny_graph, write_entry, write_tiny
+from .support.images import solid
 
 TOKEN = "management-token-0123456789abcdef"
 MANAGE = {"authorization": f"Bearer {TOKEN}"}

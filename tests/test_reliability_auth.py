@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from tests.support.launcher import Service
 
 from .reliability.fuzz import protocol_cases, run_case
-from .reliability.graphs import write_tiny
 from .reliability.hostile import HostileBody, hostile_bodies
+from .support.graphs import write_tiny
 
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "reliability-ci"))
 TOKEN = "fuzz-token-0123456789abcdef0123"

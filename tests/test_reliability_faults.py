@@ -19,8 +19,8 @@ from .reliability.faults import (
     failing_batch,
     sigterm_under_load,
 )
-from .reliability.graphs import write_conv, write_poison, write_tiny
-from .reliability.images import sample_images
+from .support.graphs import write_conv, write_poison, write_tiny
+from .support.images import sample_images
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from tests.support.launcher import Service
 
 from .reliability.fuzz import check_answer, fuzz_openapi, fuzz_protocol
-from .reliability.graphs import write_tiny
 from .reliability.hostile import HostileBody, hostile_bodies
-from .reliability.images import solid
+from .support.graphs import write_tiny
+from .support.images import solid
 
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "reliability-ci"))
 MAX_REQUEST_BYTES = 4 * 2**20

@@ -20,8 +20,8 @@ from tests.support.launcher import Service
 from tests.support.load import Target
 
 from .reliability.capacity import overload, soak
-from .reliability.graphs import write_conv, write_tiny
-from .reliability.images import sample_images, solid
+from .support.graphs import write_conv, write_tiny
+from .support.images import sample_images, solid
 from .support.service import make_batcher, submit, wait_ready
 
 QUEUE, BATCH = 32, 16

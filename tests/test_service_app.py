@@ -27,7 +27,7 @@ from service.protocols.responses import ModelInfo
 from tests.support.launcher import metric_value, poll_until
 
 from .reliability.hostile import png_bomb
-from .reliability.images import encode
+from .support.images import encode
 from .support.service import multipart, wait_ready, write_tiny_model
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

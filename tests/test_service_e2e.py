@@ -23,7 +23,7 @@ from tests.support.launcher import Service, poll_until
 
 from .conftest import CIFAR_CHECKPOINT_FILES, PHOTOS, normalize_cifar, require
 from .reliability.hostile import png_bomb
-from .reliability.images import encode, encode_image
+from .support.images import encode, encode_image
 from .support.service import export, multipart, service_cli, write_tiny_model
 
 MAX_REQUEST_BYTES = 8 * 2**20

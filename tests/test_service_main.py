@@ -18,7 +18,7 @@ from service.core.settings import Settings
 from service.protocols.app import create_app
 from tests.support.launcher import poll_until
 
-from .reliability.images import encode_image
+from .support.images import encode_image
 from .support.service import write_tiny_model
 
 

@@ -22,7 +22,7 @@ from runtime.preprocess import (
 
 from .conftest import PHOTOS, normalize_cifar, require
 from .reliability.hostile import png_bomb
-from .reliability.images import encode, encode_image
+from .support.images import encode, encode_image
 
 MAX_PIXELS = 40_000_000
 

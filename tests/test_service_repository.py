@@ -19,7 +19,7 @@ from runtime.engines import CPU, EngineConfig, EngineError, warm
 from runtime.engines.onnxruntime_engine import OrtEngine
 
 from .conftest import ROOT
-from .reliability.graphs import tiny_graph
+from .support.graphs import tiny_graph
 from .support.service import write_tiny_model
 
 

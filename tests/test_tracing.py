@@ -24,8 +24,8 @@ from service.protocols.app import create_app
 from tests.support.launcher import Service, free_port
 
 from .conftest import ROOT
-from .reliability.graphs import write_tiny
-from .reliability.images import sample_images, solid
+from .support.graphs import write_tiny
+from .support.images import sample_images, solid
 from .support.service import wait_ready
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -27,12 +27,12 @@ import httpx
 from tests.support.launcher import Service
 from tests.support.load import Target
 
+from ..support.graphs import write_conv, write_poison, write_tiny
+from ..support.images import ROOT, sample_images
 from . import faults as fault_scenarios
 from . import judge
 from .capacity import overload, soak
 from .fuzz import fuzz_images, fuzz_openapi, fuzz_protocol
-from .graphs import write_conv, write_poison, write_tiny
-from .images import ROOT, sample_images
 from .report import machine, markdown
 from .swap import swap_under_load, write_version_atomically
 

@@ -26,8 +26,8 @@ from tests.support.launcher import Service, poll_until
 from tests.support.load import Tally, Target, drive
 from tests.support.wire import build, multipart, send
 
-from .graphs import tiny_graph, write_tiny
-from .images import solid
+from ..support.graphs import tiny_graph, write_tiny
+from ..support.images import solid
 
 
 def _drop_hash(directory: Path) -> None:

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, seed, settings
 from tests.support.launcher import Service
 from tests.support.wire import Outcome, build, multipart, read_response
 
+from ..support.images import solid
 from .hostile import HostileBody, hostile_bodies
-from .images import solid
 
 # The tests run `reliability-ci` unless HYPOTHESIS_PROFILE names another; `fuzz_images` (the
 # long command) runs `reliability-long` with its own example count.

@@ -19,7 +19,7 @@ import numpy as np
 from hypothesis import strategies as st
 from PIL import Image
 
-from .images import encode_image
+from ..support.images import encode_image
 
 MODES = {
     "PNG": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"),

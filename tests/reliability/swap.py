@@ -21,8 +21,8 @@ import httpx
 
 from tests.support.launcher import Service, poll_until
 
-from .graphs import tiny_graph, write_entry
-from .images import solid
+from ..support.graphs import tiny_graph, write_entry
+from ..support.images import solid
 
 
 def write_version_atomically(

@@ -16,8 +16,9 @@ from service.core.batcher import Batcher, OutputArrays
 from service.core.metrics import Metrics
 from tests.support.launcher import poll_until
 
-from ..conftest import ROOT
-from ..reliability.graphs import tiny_graph, write_entry
+from .graphs import tiny_graph, write_entry
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: where `python -m ...` runs
 
 
 def multipart(blobs: Sequence[bytes], content_type: str = "image/png") -> list[Any]:
