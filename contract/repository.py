@@ -42,9 +42,10 @@ class RepositoryError(ValueError):
 
 
 class IncompleteVersionError(RepositoryError):
-    """A version directory whose files are not all there yet (no readable metadata.json, or no
-    graph): possibly still being copied in by a writer that is not atomic, so worth another
-    look later, unlike a version that is there and wrong."""
+    """A version directory whose files are not all there yet (no readable metadata.json, no
+    graph, or a graph that does not match its digest yet): possibly still being copied in by a
+    writer that is not atomic, so worth another look later, unlike a version that is there and
+    wrong."""
 
 
 class TensorSpec(BaseModel):
@@ -360,5 +361,8 @@ def load_entry(version_dir: Path) -> ModelEntry:
     if not entry.model_file.is_file():
         raise IncompleteVersionError(f"{where}: {entry.model_file.name} is missing")
     if metadata.model_sha256 and sha256_file(entry.model_file) != metadata.model_sha256:
-        raise RepositoryError(f"{where}: {entry.model_file.name} does not match model_sha256")
+        # Also what a graph still being copied in looks like: worth another look later.
+        raise IncompleteVersionError(
+            f"{where}: {entry.model_file.name} does not match model_sha256"
+        )
     return entry

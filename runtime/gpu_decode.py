@@ -24,7 +24,9 @@ from contract.preprocessing import Preprocessing
 from .engines import EngineError
 from .preprocess import (
     FORMATS,
+    MAX_JPEG_SCANS,
     OversizedImageError,
+    PixelBudget,
     UndecodableImageError,
     normalize_into,
     preprocess_into,
@@ -63,16 +65,24 @@ class NvImageCodecPreprocessor:
             raise EngineError(f"jpeg_decoder=nvimgcodec: nvImageCodec cannot start: {exc}") from exc
 
     def __call__(
-        self, data: bytes, prep: Preprocessing, out: np.ndarray, *, max_pixels: int
+        self,
+        data: bytes,
+        prep: Preprocessing,
+        out: np.ndarray,
+        *,
+        max_pixels: int,
+        budget: PixelBudget | None = None,
     ) -> None:
-        pixels = self._decode_jpeg(data, max_pixels)
+        pixels = self._decode_jpeg(data, max_pixels, budget)
         if pixels is None:
-            preprocess_into(data, prep, out, max_pixels=max_pixels)
+            preprocess_into(data, prep, out, max_pixels=max_pixels, budget=budget)
             return
         image = resize_and_crop(Image.fromarray(pixels), prep)
         normalize_into(np.asarray(image, dtype=np.uint8), prep, out)
 
-    def _decode_jpeg(self, data: bytes, max_pixels: int) -> np.ndarray | None:
+    def _decode_jpeg(
+        self, data: bytes, max_pixels: int, budget: PixelBudget | None
+    ) -> np.ndarray | None:
         """uint8 HWC RGB for a JPEG within the pixel limit; None for anything Pillow should do."""
         try:
             header = Image.open(io.BytesIO(data), formats=FORMATS)
@@ -85,6 +95,10 @@ class NvImageCodecPreprocessor:
             )
         if header.format != "JPEG" or header.mode not in ("RGB", "L", "YCbCr"):
             return None
+        if data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+            return None  # Pillow's path refuses it with the right message
+        if budget is not None:
+            budget.take(width * height)
         try:
             decoded = self._decoder.decode(data)
         except Exception:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import threading
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,8 +31,6 @@ _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "nearest": Image.Resampling.NEAREST,
 }
-# Pillow raises these for truncated or corrupt data, some only once pixels are decoded.
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError)
 
 
 class ImageError(Exception):
@@ -46,8 +45,38 @@ class OversizedImageError(ImageError):
     """More pixels than allowed, or a decompression bomb."""
 
 
+# A progressive JPEG is decoded scan by scan, and libjpeg decodes a repeated ("bogus") scan again
+# with only a warning: thousands of copies of the last scan make a small file that costs minutes.
+# Encoders write about 10 scans (libjpeg's default progression), mozjpeg a few more.
+MAX_JPEG_SCANS = 100
+
+
+class PixelBudget:
+    """The pixels one request's images may have together (each image's are taken before it is
+    decoded); shared by the threads that decode them."""
+
+    def __init__(self, pixels: int) -> None:
+        self.left = pixels
+        self.limit = pixels
+        self._lock = threading.Lock()
+
+    def take(self, pixels: int) -> None:
+        with self._lock:
+            if pixels > self.left:
+                raise OversizedImageError(
+                    f"the request's images have more than {self.limit} pixels together "
+                    "(max_request_pixels)"
+                )
+            self.left -= pixels
+
+
 def decode(
-    data: bytes, *, min_shorter_side: int, max_pixels: int, dct_scaling: bool = False
+    data: bytes,
+    *,
+    min_shorter_side: int,
+    max_pixels: int,
+    dct_scaling: bool = False,
+    budget: PixelBudget | None = None,
 ) -> Image.Image:
     """An upright RGB image, in full; with `dct_scaling`, a JPEG much larger than needed is
     decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT-domain downscaling, far cheaper for large
@@ -68,6 +97,13 @@ def decode(
             )
         if min(width, height) < 1:
             raise UndecodableImageError(f"image has no pixels ({width}x{height})")
+        if budget is not None:
+            budget.take(width * height)
+        if image.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            raise UndecodableImageError(
+                f"a JPEG of {scans} scans (start-of-scan markers); more than {MAX_JPEG_SCANS} "
+                "is refused"
+            )
         if dct_scaling and image.format == "JPEG" and min(width, height) > min_shorter_side:
             # DCT-domain downscaling by 1/2, 1/4 or 1/8: Pillow picks the largest factor that
             # keeps both sides >= the requested size, so the resize below still only shrinks.
@@ -82,7 +118,11 @@ def decode(
         raise UndecodableImageError(
             f"not an image: the data is none of the accepted formats ({', '.join(FORMATS)})"
         ) from None
-    except _DECODE_ERRORS as exc:
+    except ImageError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow's decoders raise many kinds; each means a bad image
         raise UndecodableImageError(
             f"not a decodable image ({', '.join(FORMATS)}): {exc}"
         ) from None
@@ -168,14 +208,21 @@ def preprocess_into(
     *,
     max_pixels: int,
     dct_scaling: bool = False,
+    budget: PixelBudget | None = None,
 ) -> None:
     """Decode one encoded image and write the model's input for it into `out` [3, crop, crop]."""
     image = decode(
-        data, min_shorter_side=prep.resize_shorter, max_pixels=max_pixels, dct_scaling=dct_scaling
+        data,
+        min_shorter_side=prep.resize_shorter,
+        max_pixels=max_pixels,
+        dct_scaling=dct_scaling,
+        budget=budget,
     )
     try:
         image = resize_and_crop(image, prep)
         pixels = np.asarray(image, dtype=np.uint8)
-    except _DECODE_ERRORS as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # pixels that only fail once decoded (truncated data)
         raise UndecodableImageError(f"not a decodable image: {exc}") from None
     normalize_into(pixels, prep, out)

@@ -10,16 +10,12 @@ models are released, and the process exits 0. Exit status 2: bad configuration o
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import signal
-import socket
 import sys
-import time
+import warnings
 from collections.abc import Sequence
-from types import FrameType
 
-import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp, CliSettingsSource
 
@@ -29,6 +25,7 @@ from runtime.engines import EngineError
 from .core.registry import ModelRegistry
 from .core.settings import ENV_PREFIX, Settings, is_env_only
 from .protocols.app import create_app
+from .protocols.http_server import DrainingServer, http_config
 
 log = logging.getLogger("service")
 
@@ -84,53 +81,15 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         parser.error(problems)
 
 
-ACCEPTED_GRACE_S = 0.25
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn with a readiness flip on the first stop signal, and an optional drain delay
-    between that flip and closing the listener."""
-
-    def __init__(self, config: uvicorn.Config, registry: ModelRegistry, drain_ms: int) -> None:
-        super().__init__(config)
-        self._registry = registry
-        self._drain_s = drain_ms / 1000.0
-        self._stop_at: float | None = None
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._registry.begin_draining()
-        if self._drain_s > 0 and self._stop_at is None:
-            self._stop_at = time.monotonic() + self._drain_s
-            return
-        super().handle_exit(sig, frame)
-
-    async def on_tick(self, counter: int) -> bool:
-        if self._stop_at is not None and time.monotonic() >= self._stop_at:
-            self.should_exit = True
-        return await super().on_tick(counter)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        """Close the listener, then let connections accepted just before deliver their request.
-
-        uvicorn closes every connection with no request in progress at once; one accepted a
-        moment earlier, whose request is still on its way, would be closed unanswered (seen
-        under load in the container test: 1 of 75). After `ACCEPTED_GRACE_S` its request is
-        in progress and is answered like any other.
-        """
-        for server in self.servers:
-            server.close()
-        for sock in sockets or []:
-            sock.close()
-        await asyncio.sleep(ACCEPTED_GRACE_S)
-        await super().shutdown(sockets)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Pillow warns about corrupt metadata with texts built from the image's own numbers; every
+    # distinct text would be printed once and kept in its registry for good.
+    warnings.filterwarnings("ignore", module=r"PIL(\..*)?$")
     server: DrainingServer | None = None
 
     def stop() -> None:
@@ -143,21 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.critical("cannot start: %s", exc)
         return 2
     registry: ModelRegistry = app.state.plane.registry
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        # h11 whatever else is installed: it refuses a request head that grows past 16 KiB,
-        # where httptools (uvicorn's pick when present) buffers a header line without limit
-        # (one connection sending a 256 MiB header took 320 MB of RSS, docs/reliability.md).
-        http="h11",
-        # Every accepted request ends by its own timeout; this only bounds a stuck shutdown.
-        timeout_graceful_shutdown=settings.request_timeout_ms / 1000.0 + 5.0,
-    )
-    server = DrainingServer(config, registry, settings.drain_delay_ms)
+    server = DrainingServer(http_config(app, settings), registry, settings.drain_delay_ms)
     # uvicorn re-raises the stop signal after its graceful shutdown; a graceful stop is a
     # success here, so let that re-raised signal end in `return` rather than a signal death.
     for sig in (signal.SIGINT, signal.SIGTERM):

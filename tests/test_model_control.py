@@ -102,7 +102,8 @@ def test_explicit_load_swaps_under_load_and_refuses_broken_versions(tmp_path: Pa
             headers={"content-type": "image/png"},
         )  # fmt: skip
         assert gone.status_code == 404
-        assert httpx.get(f"{service.url}/readyz").status_code == 200
+        # Nothing left to serve: not ready, so that a load balancer stops sending requests here.
+        assert httpx.get(f"{service.url}/readyz").status_code == 503
         names = httpx.post(f"{service.url}/v2/repository/models/..%2F/load", headers=MANAGE)
         assert names.status_code == 404
         assert service.terminate() == 0

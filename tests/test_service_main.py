@@ -13,9 +13,9 @@ import httpx
 import uvicorn
 from PIL import Image
 
-from service.__main__ import DrainingServer
 from service.core.settings import Settings
 from service.protocols.app import create_app
+from service.protocols.http_server import DrainingServer
 from tests.support.launcher import poll_until
 
 from .support.images import encode_image

@@ -251,7 +251,11 @@ class Batcher:
         except ServiceError as exc:
             self._fail(batch, exc)
         except Exception as exc:
-            error = InferenceError(f"model {self.name}: inference failed: {exc}")
+            # The engine's own text (paths, node names, shapes) stays in the log.
+            log.error(
+                "model %s: inference of a batch of %d failed", self.name, len(batch), exc_info=exc
+            )
+            error = InferenceError(f"model {self.name}: inference failed (see the service log)")
             error.__cause__ = exc
             self._fail(batch, error)
         else:

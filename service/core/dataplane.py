@@ -22,9 +22,10 @@ import numpy as np
 from contract.cpu import usable_cores
 from contract.repository import ModelEntry
 from runtime.gpu_decode import image_preprocessor
-from runtime.preprocess import OversizedImageError, UndecodableImageError
+from runtime.preprocess import OversizedImageError, PixelBudget, UndecodableImageError
 
 from .batcher import OutputArrays
+from .budget import ByteBudget
 from .errors import (
     ClientDisconnectedError,
     ImageTooLargeError,
@@ -54,6 +55,11 @@ class DataPlane:
             settings.jpeg_decoder, dct_scaling=settings.jpeg_dct_scaling
         )
         self._decode_pool: ThreadPoolExecutor | None = None
+        self.bodies = ByteBudget(
+            settings.max_inflight_bytes,
+            retry_after_s=settings.retry_after_s,
+            gauge=metrics.inflight_bytes,
+        )
 
     def start(self) -> None:
         workers = self.settings.decode_workers or usable_cores()
@@ -114,19 +120,28 @@ class DataPlane:
     async def decode(self, model: ServedModel, blobs: Sequence[bytes], images: np.ndarray) -> None:
         """Each encoded image's model input written into its row of `images`, in the pool."""
         loop = asyncio.get_running_loop()
+        budget = PixelBudget(self.settings.max_request_pixels)
         jobs = [
-            loop.run_in_executor(self._decode_pool, self._preprocess, model, index, blob, out)
+            loop.run_in_executor(
+                self._decode_pool, self._preprocess, model, index, blob, out, budget
+            )
             for index, (blob, out) in enumerate(zip(blobs, images, strict=True))
         ]
         for result in await asyncio.gather(*jobs, return_exceptions=True):
             if isinstance(result, BaseException):
                 raise result
 
-    def _preprocess(self, model: ServedModel, index: int, blob: bytes, out: np.ndarray) -> None:
+    def _preprocess(
+        self, model: ServedModel, index: int, blob: bytes, out: np.ndarray, budget: PixelBudget
+    ) -> None:
         start = time.monotonic()
         try:
             self._preprocess_into(
-                blob, model.entry.preprocessing, out, max_pixels=self.settings.max_image_pixels
+                blob,
+                model.entry.preprocessing,
+                out,
+                max_pixels=self.settings.max_image_pixels,
+                budget=budget,
             )
         except UndecodableImageError as exc:
             raise InvalidImageError(f"image {index}: {exc}") from None

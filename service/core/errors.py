@@ -8,12 +8,31 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
+# A message goes into an answer body, a log line and a gRPC status: what a client sent is quoted
+# clipped (`clip`), and no message is longer than this, whatever went into it.
+MAX_MESSAGE_CHARS = 1024
+
+
+def clip(value: object, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: how client input is quoted in messages."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 30]}... ({len(text)} characters)"
+
+
+def capped(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 40] + f"... ({len(message)} characters in all)"
+
 
 class ServiceError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
 
     def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        message = capped(message)
         super().__init__(message)
         self.message = message
         self.headers = dict(headers or {})

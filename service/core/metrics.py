@@ -87,6 +87,21 @@ class Metrics:
         self.ready = Gauge(
             "resnet_serve_ready", "1 when every model is loaded and warmed.", registry=r
         )
+        self.inflight_bytes = Gauge(
+            "resnet_serve_inflight_request_bytes",
+            "Bytes of request bodies held in memory now (bounded by max_inflight_bytes).",
+            registry=r,
+        )
+        self.poll_errors = Counter(
+            "resnet_serve_repository_poll_errors_total",
+            "Repository scans of model_control_mode=poll that failed (polling goes on).",
+            registry=r,
+        )
+        self.poll_last_success = Gauge(
+            "resnet_serve_repository_poll_last_success_timestamp_seconds",
+            "When a repository scan of model_control_mode=poll last worked (Unix time).",
+            registry=r,
+        )
         self.unauthorized = Counter(
             "resnet_serve_unauthorized_total",
             "Requests refused for a missing or wrong bearer token (before any decoding).",

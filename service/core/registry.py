@@ -205,9 +205,12 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
+        """Every served model loaded and warmed, and at least one of them (a service whose
+        every model was unloaded answers nothing but 404s: not ready)."""
         return (
             not self.draining
             and self.fatal is None
+            and bool(self.models)
             and all(m.state == "ready" for m in self.models.values())
         )
 
@@ -222,6 +225,11 @@ class ModelRegistry:
     def start(self) -> None:
         self._loaded = asyncio.Event()
         self._load_task = asyncio.create_task(self._load_all(), name="load-models")
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the models found at start have been loaded (or one failed)."""
+        return self._loaded is not None and self._loaded.is_set()
 
     async def started(self) -> None:
         """Until the models found at start are loaded (or one failed)."""

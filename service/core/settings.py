@@ -33,6 +33,7 @@ _PROVIDER_ALIASES = {"cuda": CUDA, "cpu": CPU}
 _ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
 TokenKind = Literal["inference", "management"]
 OTEL_ENDPOINT_VARIABLE = "OTEL_EXPORTER_OTLP_ENDPOINT"
+MIN_TOKEN_CHARS = 16
 
 
 def is_env_only(name: str) -> bool:
@@ -143,12 +144,48 @@ class Settings(BaseSettings):
         30_000, gt=0, description="a request not answered within this gets 504"
     )
     max_request_bytes: int = Field(64 * 2**20, gt=0, description="largest request body (413)")
+    max_json_bytes: int = Field(
+        4 * 2**20,
+        gt=0,
+        description="largest JSON part of an Open Inference Protocol request (413): JSON is "
+        "parsed in one piece that holds the interpreter, so larger tensors travel as binary data "
+        "(the binary tensor data extension, what Triton's clients send by default)",
+    )
+    max_inflight_bytes: int = Field(
+        256 * 2**20,
+        gt=0,
+        description="request bodies in memory at once, all requests together (HTTP and gRPC; a "
+        "body without Content-Length counts as max_request_bytes); past it, 503 with "
+        "Retry-After before the body is read",
+    )
     max_image_pixels: int = Field(
-        40_000_000, gt=0, description="largest image, width x height, checked before decoding (413)"
+        25_000_000,
+        gt=0,
+        description="largest image, width x height, checked before decoding (413); 25 MP takes a "
+        "24 MP camera photo. Decoding costs about 4 bytes and a few ms of CPU per thousand "
+        "pixels, per decode thread",
+    )
+    max_request_pixels: int = Field(
+        100_000_000,
+        gt=0,
+        description="pixels of one request's images together, each checked before it is decoded "
+        "(413): what one request may cost to decode",
     )
     max_images_per_request: int = Field(64, ge=1, description="most images in one request (413)")
     decode_workers: int = Field(
         0, ge=0, description="threads decoding and preprocessing images (0: one per core)"
+    )
+    request_head_timeout_ms: int = Field(
+        10_000,
+        gt=0,
+        description="a connection whose request head is not complete this long after it opened "
+        "(or after its last answer) is closed",
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="HTTP connections at once; past it, new requests get 503 (behind a proxy, "
+        "bound connections and slow clients there too: docs/reliability.md)",
     )
     default_model: str | None = Field(
         None, description="model used when a request names none (needed with several models)"
@@ -170,6 +207,20 @@ class Settings(BaseSettings):
         le=65535,
         description="TCP port of the Open Inference Protocol over gRPC, on the same host and "
         "process (0: no gRPC)",
+    )
+    grpc_max_message_bytes: int = Field(
+        48 * 2**20,
+        gt=0,
+        description="largest gRPC request message (RESOURCE_EXHAUSTED, refused from its length "
+        "prefix, unread); below max_request_bytes because grpc holds about three copies of a "
+        "message while receiving it. 48 MiB carries 64 ImageNet images as FP32 (38.5 MB)",
+    )
+    grpc_max_concurrent_rpcs: int = Field(
+        256,
+        ge=1,
+        description="gRPC calls served at once; more are refused (RESOURCE_EXHAUSTED). grpc "
+        "receives a call's whole message before it runs, so this times grpc_max_message_bytes "
+        "bounds that memory: lower either where requests are small",
     )
     model_control_mode: Literal["none", "poll", "explicit"] = Field(
         "none",
@@ -247,6 +298,16 @@ class Settings(BaseSettings):
                 f"max_batch_size ({self.max_batch_size}) exceeds max_queue_images "
                 f"({self.max_queue_images}): batches that size could never form"
             )
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels}) is below max_image_pixels "
+                f"({self.max_image_pixels}): the largest image could never be decoded"
+            )
+        if self.max_inflight_bytes < self.max_request_bytes:
+            raise ValueError(
+                f"max_inflight_bytes ({self.max_inflight_bytes}) is below max_request_bytes "
+                f"({self.max_request_bytes}): the largest request could never be read"
+            )
         if self.request_timeout_ms <= self.max_delay_ms:
             raise ValueError("request_timeout_ms must be longer than max_delay_ms")
         for kind in ("inference", "management"):
@@ -288,6 +349,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"the {kind} token must be non-empty printable ASCII without spaces "
                 "(never shown here)"
+            )
+        if len(value) < MIN_TOKEN_CHARS:
+            raise ValueError(
+                f"the {kind} token is shorter than {MIN_TOKEN_CHARS} characters: use a random "
+                "one, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
             )
         return value.encode("ascii")
 

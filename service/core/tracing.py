@@ -21,7 +21,10 @@ context-variable lookup per image. The HTTP adapter opens the root span in an AS
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
@@ -31,6 +34,36 @@ from typing import Any
 from .settings import Settings
 
 SERVICE_NAME = "resnet-serve"
+# With the collector unreachable, each export gives up after this, and shutdown waits this long.
+EXPORT_TIMEOUT_S = 2
+SHUTDOWN_S = 3.0
+# Where the OpenTelemetry SDK logs dropped spans and failed exports.
+SDK_LOGGERS = (
+    "opentelemetry.sdk._shared_internal",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+)
+
+log = logging.getLogger(__name__)
+
+
+class _OnceAMinute(logging.Filter):
+    """Lets each distinct message through at most once a minute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[tuple[str, object], float] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key, now = (record.name, record.msg), time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -60.0) < 60.0:
+                return False
+            self._last[key] = now
+        return True
+
+
+_once_a_minute = _OnceAMinute()
 # OpenTelemetry stamps spans in wall-clock nanoseconds, the service measures with monotonic().
 _WALL_OFFSET_NS = time.time_ns() - time.monotonic_ns()
 
@@ -134,14 +167,33 @@ class Tracing:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             insecure = not str(endpoint).startswith("https://")
-            otlp = OTLPSpanExporter(endpoint=endpoint, insecure=insecure)
-            provider.add_span_processor(BatchSpanProcessor(otlp))
+            otlp = OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=EXPORT_TIMEOUT_S)
+            provider.add_span_processor(
+                BatchSpanProcessor(otlp, export_timeout_millis=EXPORT_TIMEOUT_S * 1000)
+            )
+            for name in SDK_LOGGERS:  # a collector that is down: a line a minute, not a span
+                logging.getLogger(name).addFilter(_once_a_minute)
         return cls(provider.get_tracer("resnet_serve"), provider)
 
-    def shutdown(self) -> None:
-        """Flush what is buffered (the OTLP exporter sends in batches) at exit."""
-        if self._provider is not None:
+    async def shutdown(self, timeout_s: float = SHUTDOWN_S) -> None:
+        """Flush what is buffered (the OTLP exporter sends in batches) at exit, for at most
+        `timeout_s`: with the collector down, the SDK's own shutdown can wait 30 s. It runs in
+        a daemon thread of its own, so that neither the event loop nor the process's exit waits
+        for it past that."""
+        if self._provider is None:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def run() -> None:
             self._provider.shutdown()
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        threading.Thread(target=run, name="tracing-shutdown", daemon=True).start()
+        try:
+            await asyncio.wait_for(done, timeout_s)
+        except TimeoutError:
+            log.warning("tracing: spans not flushed within %.0f s at shutdown (dropped)", timeout_s)
 
     @contextlib.contextmanager
     def receive(

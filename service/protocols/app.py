@@ -51,6 +51,7 @@ def create_app(
     registry = ModelRegistry(settings, metrics, on_fatal=on_fatal)
     plane = DataPlane(registry, settings, metrics)
     access = AccessPolicy.from_settings(settings, metrics)
+    log.info("access control: %s", access.describe())
     tracing = Tracing.from_settings(settings, span_exporter)
     control = ModelControl(registry, settings)
     serve_grpc = grpc_wanted(settings)  # configured but not installed: refused now
@@ -75,7 +76,7 @@ def create_app(
             await control.stop()
             await registry.stop()
             await plane.stop()
-            tracing.shutdown()
+            await tracing.shutdown()
 
     app = FastAPI(
         title="resnet-serve",

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import orjson
 from prometheus_client import Counter
 
+from ..core.errors import clip
 from ..core.metrics import Metrics
 from ..core.settings import Settings
 from .http_errors import OIP_PREFIX, error_body
@@ -75,7 +76,9 @@ class AccessPolicy:
         if scope == "management":
             # Never open: the repository endpoints exist only with a management token.
             return [self.management] if self.management is not None else [b"\0unset"]
-        if scope == "observe":
+        if scope == "observe":  # protected only where inference is: either token opens it
+            if self.inference is None:
+                return []
             return [t for t in (self.inference, self.management) if t is not None]
         return []
 
@@ -96,6 +99,17 @@ class AccessPolicy:
     def refused(self, protocol: str, reason: str, where: str) -> None:
         self.failures.labels(protocol, reason).inc()
         log.info("%s -> unauthorized: %s bearer token", where, reason)
+
+    def describe(self) -> str:
+        """One line for the log at start: whether and how access is controlled."""
+        if not self.enabled:
+            return "off (no token configured: every endpoint is open)"
+        parts = []
+        if self.inference is not None:
+            parts.append("inference token (HTTP and gRPC inference, /models, /v2 metadata)")
+        if self.management is not None:
+            parts.append("management token (repository endpoints)")
+        return "on: " + "; ".join(parts)
 
 
 def bearer_token(authorization: bytes | None) -> bytes | None:
@@ -135,7 +149,7 @@ class BearerAuth:
         if reason is None:
             await self.app(scope, receive, send)
             return
-        self.policy.refused("http", reason, f"{scope['method']} {path}")
+        self.policy.refused("http", reason, f"{scope['method']} {clip(path)}")
         await _unauthorized(send, path, reason, needed)
 
 

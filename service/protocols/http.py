@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import numpy as np
@@ -13,8 +16,8 @@ from starlette.responses import Response
 
 from contract.repository import ModelEntry
 
-from ..core.settings import Settings
-from .bodies import FILE_PART, read_images
+from ..core.dataplane import DataPlane
+from .bodies import FILE_PART, Body, check_image_body, content_type, held_body, split_images
 from .dependencies import Plane
 from .disconnect import client_gone
 from .responses import (
@@ -29,6 +32,9 @@ from .responses import (
 )
 
 NPY = "application/x-npy"
+# Multipart bodies above this are split in a thread (the search and the copies are C code, but a
+# large body's copies would still hold the event loop for milliseconds).
+SPLIT_INLINE_BYTES = 1 << 20
 
 _IMAGE_BODY: dict[str, Any] = {
     "requestBody": {
@@ -96,8 +102,8 @@ async def classify(
 ) -> Response:
     async with plane.request(model, "classify", disconnected=client_gone(request)) as call:
         k = call.top_k(top_k)
-        blobs = await _images(request, plane.settings)
-        predictions = await call.classify(blobs, k)
+        async with _images(request, plane) as blobs:
+            predictions = await call.classify(blobs, k)
     return JSONResponse({**_answered_by(call.entry), "predictions": predictions})
 
 
@@ -122,8 +128,11 @@ async def embed(
     model: ModelParam = None,
     normalize: Annotated[bool, Query(description="scale each embedding to unit L2 norm")] = False,
 ) -> Response:
-    async with plane.request(model, "embed", disconnected=client_gone(request)) as call:
-        blobs = await _images(request, plane.settings)
+    gone = client_gone(request)
+    async with (
+        plane.request(model, "embed", disconnected=gone) as call,
+        _images(request, plane) as blobs,
+    ):
         embeddings = await call.embed(blobs, normalize=normalize)
     entry = call.entry
     if wants_npy(request.headers.get("accept", "")):
@@ -168,9 +177,12 @@ async def healthz() -> Response:
     responses={503: {"model": ReadyResponse, "description": "loading, draining or failed"}},
     summary="200 only when every model is loaded and warmed",
 )
-async def readyz(plane: Plane) -> Response:
+async def readyz(request: Request, plane: Plane) -> Response:
     registry = plane.registry
-    body = {"status": registry.status, "models": {n: m.state for n, m in registry.models.items()}}
+    body: dict[str, Any] = {"status": registry.status}
+    access = request.app.state.access  # the probe is open; the model names are not
+    if access.check("inference", request.headers.get("authorization", "").encode()) is None:
+        body["models"] = {n: m.state for n, m in registry.models.items()}
     if registry.ready:
         return JSONResponse(body)
     headers = {"Retry-After": str(plane.settings.retry_after_s)}
@@ -187,12 +199,18 @@ async def metrics(plane: Plane) -> Response:
     return Response(plane.metrics.render(), media_type=plane.metrics.content_type)
 
 
-async def _images(request: Request, settings: Settings) -> list[bytes]:
-    return await read_images(
-        request,
-        max_bytes=settings.max_request_bytes,
-        max_images=settings.max_images_per_request,
-    )
+@asynccontextmanager
+async def _images(request: Request, plane: DataPlane) -> AsyncIterator[list[Body]]:
+    """The request's encoded images, held in memory (within the bytes-in-flight budget) until
+    the block ends; a large multipart body is split in a thread."""
+    settings = plane.settings
+    boundary = check_image_body(*content_type(request))
+    async with held_body(request, plane.bodies, settings.max_request_bytes) as body:
+        limit = settings.max_images_per_request
+        if len(body) > SPLIT_INLINE_BYTES:
+            yield await asyncio.to_thread(split_images, body, boundary, limit)
+        else:
+            yield split_images(body, boundary, limit)
 
 
 def wants_npy(accept: str) -> bool:

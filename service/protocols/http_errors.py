@@ -22,6 +22,7 @@ from ..core.errors import (
     RequestTimeoutError,
     ServiceError,
     UnavailableError,
+    capped,
 )
 from .responses import JSONResponse
 
@@ -88,5 +89,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> Response:
-        _log(request, 500, ServiceError.code, str(exc), exc)
+        _log(request, 500, ServiceError.code, capped(str(exc)), exc)
         return error_response(request, 500, ServiceError.code, "internal server error")

@@ -39,6 +39,7 @@ from ..core.errors import (
     RequestTooLargeError,
     TooManyImagesError,
     UnsupportedMediaTypeError,
+    clip,
 )
 from ..core.postprocess import classifications
 from ..core.registry import ServedModel
@@ -47,6 +48,11 @@ IMAGE_BYTES = "image_bytes"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ("binary_tensor_data", "classification")
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}
+# Bounds on what a request may name: names and ids (Triton's are short), dimensions, outputs (a
+# model has two; asking for more is an error anyway).
+MAX_NAME = 256
+MAX_DIMS = 8
+MAX_OUTPUTS = 4
 LENGTH = struct.Struct("<I")  # BYTES elements in binary data: uint32 little-endian length first
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -85,11 +91,11 @@ def accepted(entry: ModelEntry) -> str:
 def check_input(entry: ModelEntry, name: str, shape: Sequence[int], max_images: int) -> None:
     """The input's name and batch, before any of its data is looked at."""
     if name not in (entry.input_name, IMAGE_BYTES):
-        raise _bad(f"unknown input {name!r}; model {entry.name} takes {accepted(entry)}")
+        raise _bad(f"unknown input {clip(name)}; model {entry.name} takes {accepted(entry)}")
     if not shape:
-        raise _bad(f"input {name!r}: shape must be a list of non-negative integers")
+        raise _bad(f"input {clip(name)}: shape must be a list of non-negative integers")
     if shape[0] < 1:
-        raise _bad(f"input {name!r}: the batch is empty")
+        raise _bad(f"input {clip(name)}: the batch is empty")
     if shape[0] > max_images:
         raise TooManyImagesError(f"{shape[0]} images exceed max_images_per_request={max_images}")
 
@@ -97,30 +103,32 @@ def check_input(entry: ModelEntry, name: str, shape: Sequence[int], max_images: 
 def fp32_shape(entry: ModelEntry, name: str, datatype: str, shape: Sequence[int]) -> int:
     """The element count of an FP32 input whose datatype and shape fit the model."""
     if datatype != "FP32":
-        raise _bad(f"input {name!r} must be FP32, not {datatype!r}")
+        raise _bad(f"input {clip(name)} must be FP32, not {clip(datatype)}")
     if tuple(shape[1:]) != entry.input_shape:
         expected = [-1, *entry.input_shape]
-        raise _bad(f"input {name!r} has shape {list(shape)}; model {entry.name} takes {expected}")
+        raise _bad(
+            f"input {clip(name)} has shape {list(shape)}; model {entry.name} takes {expected}"
+        )
     return math.prod(shape)
 
 
 def fp32_from_raw(name: str, raw: memoryview | bytes, shape: Sequence[int]) -> np.ndarray:
     count = math.prod(shape)
     if len(raw) != 4 * count:
-        raise _bad(f"input {name!r}: {len(raw)} bytes of binary data for {count} FP32 values")
+        raise _bad(f"input {clip(name)}: {len(raw)} bytes of binary data for {count} FP32 values")
     return finite(name, np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False), shape)
 
 
 def finite(name: str, array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     if not np.isfinite(array).all():
-        raise _bad(f"input {name!r} holds NaN or infinite values")
+        raise _bad(f"input {clip(name)} holds NaN or infinite values")
     return array.reshape(shape)
 
 
 def bytes_shape(datatype: str, shape: Sequence[int]) -> int:
     """The element count of a BYTES input whose datatype and shape are one image per row."""
     if datatype != "BYTES":
-        raise _bad(f"input {IMAGE_BYTES!r} must be BYTES, not {datatype!r}")
+        raise _bad(f"input {IMAGE_BYTES!r} must be BYTES, not {clip(datatype)}")
     if len(shape) > 2 or math.prod(shape) != shape[0]:
         raise _bad(f"input {IMAGE_BYTES!r} has shape {list(shape)}; it takes [-1] (or [-1, 1])")
     return shape[0]
@@ -164,11 +172,13 @@ def requested_outputs(
     outputs: list[RequestedOutput] = []
     for name, classes, binary in asked:
         if name not in sizes:
-            raise _bad(f"unknown output {name!r}; model {entry.name} has {list(sizes)}")
+            raise _bad(f"unknown output {clip(name)}; model {entry.name} has {list(sizes)}")
         if any(o.name == name for o in outputs):
-            raise _bad(f"output {name!r} is requested twice")
+            raise _bad(f"output {clip(name)} is requested twice")
         if not 0 <= classes <= sizes[name]:
-            raise _bad(f"output {name!r}: classification must be an integer in 0..{sizes[name]}")
+            raise _bad(
+                f"output {clip(name)}: classification must be an integer in 0..{sizes[name]}"
+            )
         outputs.append(RequestedOutput(name, classes, binary))
     return outputs
 
@@ -222,7 +232,7 @@ def check_version(model: ServedModel, version: str | None) -> ServedModel:
     """The served model when `version` is absent or its version; NOT_FOUND otherwise."""
     if version and version != str(model.entry.version):
         raise ModelNotFoundError(
-            f"model {model.entry.name!r} has no version {version!r}; "
+            f"model {model.entry.name!r} has no version {clip(version)}; "
             f"it serves version {model.entry.version}"
         )
     return model
@@ -241,9 +251,9 @@ class InputParameters(_Message):
 
 
 class RequestInput(_Message):
-    name: str
-    datatype: str
-    shape: list[NonNegativeInt] = Field(min_length=1)
+    name: str = Field(max_length=MAX_NAME)
+    datatype: str = Field(max_length=16)
+    shape: list[NonNegativeInt] = Field(min_length=1, max_length=MAX_DIMS)
     parameters: InputParameters = InputParameters()
     data: Any = None  # checked against the model's datatype and shape, without per-element models
 
@@ -254,7 +264,7 @@ class OutputParameters(_Message):
 
 
 class RequestOutput(_Message):
-    name: str
+    name: str = Field(max_length=MAX_NAME)
     parameters: OutputParameters = OutputParameters()
 
 
@@ -265,20 +275,20 @@ class RequestParameters(_Message):
 class InferenceRequest(_Message):
     """The JSON inference request, as KServe's v2 data model has it (one input)."""
 
-    id: str | None = None
+    id: str | None = Field(None, max_length=MAX_NAME)
     parameters: RequestParameters = RequestParameters()
     inputs: list[RequestInput] = Field(min_length=1, max_length=1)
-    outputs: list[RequestOutput] | None = None
+    outputs: list[RequestOutput] | None = Field(None, max_length=MAX_OUTPUTS)
 
 
-def decompress(body: bytes, encoding: str, max_bytes: int) -> bytes:
+def decompress(body: bytes | bytearray, encoding: str, max_bytes: int) -> bytes | bytearray:
     """The body without its Content-Encoding, never more than `max_bytes` (no zip bombs)."""
     if encoding in ("", "identity"):
         return body
     wbits = _WBITS.get(encoding)
     if wbits is None:
         raise UnsupportedMediaTypeError(
-            f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or identity"
+            f"unsupported Content-Encoding {clip(encoding)}: use gzip, deflate or identity"
         )
     decompressor = zlib.decompressobj(wbits)
     try:
@@ -292,14 +302,31 @@ def decompress(body: bytes, encoding: str, max_bytes: int) -> bytes:
     return data
 
 
-def split(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
-    """(the JSON request, the binary tensor data after it)."""
+def split(
+    body: bytes | bytearray, header_length: str | None, max_json_bytes: int
+) -> tuple[Any, memoryview]:
+    """(the JSON request, the binary tensor data after it). JSON is parsed by one C call that
+    holds the interpreter throughout, so its size is bounded (`max_json_bytes`); tensors of any
+    size travel as binary data."""
     size = len(body)
     if header_length is not None:
-        declared = header_length.isascii() and header_length.isdigit() and int(header_length)
+        declared = (
+            header_length.isascii()
+            and header_length.isdigit()
+            and len(header_length) <= 19
+            and int(header_length)
+        )
         if not 0 < declared <= size:
-            raise _bad(f"{HEADER_LENGTH} {header_length!r} is not in 1..{size}, the body's size")
+            raise _bad(
+                f"{HEADER_LENGTH} {clip(header_length)} is not in 1..{size}, the body's size"
+            )
         size = declared
+    if size > max_json_bytes:
+        raise RequestTooLargeError(
+            f"the JSON of the inference request is {size} bytes, over max_json_bytes="
+            f"{max_json_bytes}: send tensor data as binary (the binary tensor data extension, "
+            "what Triton's clients do by default)"
+        )
     try:
         payload = orjson.loads(memoryview(body)[:size])
     except orjson.JSONDecodeError as exc:
@@ -372,23 +399,23 @@ _EXPLAINED = {
     ("parameters", "binary_data_output"): '"binary_data_output" must be a boolean',
     ("inputs",): '"inputs" must hold exactly one input object: {accepted}',
     ("inputs", "*"): '"inputs" must hold exactly one input object: {accepted}',
-    ("inputs", "*", "name"): "unknown input {value!r}; model {model} takes {accepted}",
-    ("inputs", "*", "datatype"): "input {input!r}: datatype must be a string, not {value!r}",
-    ("inputs", "*", "shape"): "input {input!r}: shape must be a list of non-negative integers",
-    ("inputs", "*", "shape", "*"): "input {input!r}: shape must be a list of non-negative integers",
-    ("inputs", "*", "parameters"): "input {input!r}: parameters must be a JSON object",
+    ("inputs", "*", "name"): "unknown input {value}; model {model} takes {accepted}",
+    ("inputs", "*", "datatype"): "input {input}: datatype must be a string, not {value}",
+    ("inputs", "*", "shape"): "input {input}: shape must be a list of non-negative integers",
+    ("inputs", "*", "shape", "*"): "input {input}: shape must be a list of non-negative integers",
+    ("inputs", "*", "parameters"): "input {input}: parameters must be a JSON object",
     ("inputs", "*", "parameters", "binary_data_size"): (
-        "input {input!r}: binary_data_size must be a non-negative integer, not {value!r}"
+        "input {input}: binary_data_size must be a non-negative integer, not {value}"
     ),
     ("outputs",): '"outputs" must be a list of objects',
     ("outputs", "*"): '"outputs" must be a list of objects',
-    ("outputs", "*", "name"): "unknown output {value!r}; model {model} has {outputs}",
-    ("outputs", "*", "parameters"): "output {output!r}: parameters must be a JSON object",
+    ("outputs", "*", "name"): "unknown output {value}; model {model} has {outputs}",
+    ("outputs", "*", "parameters"): "output {output}: parameters must be a JSON object",
     ("outputs", "*", "parameters", "classification"): (
-        "output {output!r}: classification must be an integer in 0..{classes}"
+        "output {output}: classification must be an integer in 0..{classes}"
     ),
     ("outputs", "*", "parameters", "binary_data"): (
-        "output {output!r}: binary_data must be a boolean"
+        "output {output}: binary_data must be a boolean"
     ),
 }
 
@@ -405,9 +432,9 @@ def _explain(error: ErrorDetails, payload: Any, entry: ModelEntry) -> str:
     item = _item(payload, loc[:2]) if len(loc) > 2 else {}
     named = item.get("name") if isinstance(item, dict) else None
     return template.format(
-        value=None if missing else error["input"],
-        input=named,
-        output=named,
+        value=clip(None if missing else error["input"]),
+        input=clip(named),
+        output=clip(named),
         classes=sizes.get(named, max(sizes.values())) if isinstance(named, str) else 0,
         model=entry.name,
         accepted=accepted(entry),
@@ -429,20 +456,24 @@ def _raw_data(spec: RequestInput, binary: memoryview) -> memoryview | None:
         if len(binary):
             raise _bad(f"{len(binary)} bytes of binary data, but no input has binary_data_size")
         if "data" not in spec.model_fields_set:
-            raise _bad(f"input {spec.name!r} has neither data nor binary_data_size")
+            raise _bad(f"input {clip(spec.name)} has neither data nor binary_data_size")
         return None
     if size != len(binary):
-        raise _bad(f"binary_data_size {size!r} is not the {len(binary)} bytes after the JSON")
+        raise _bad(f"binary_data_size {clip(size)} is not the {len(binary)} bytes after the JSON")
     return binary
 
 
 def _fp32_from_json(name: str, data: Any, count: int, shape: Sequence[int]) -> np.ndarray:
+    if _count(data, count) > count:  # counted before numpy converts anything
+        raise _bad(f"input {clip(name)}: more than {count} values for shape {list(shape)}")
     try:
         array = np.asarray(data, dtype=np.float32)
     except (TypeError, ValueError) as exc:
-        raise _bad(f"input {name!r}: data is not an array of numbers: {exc}") from None
+        raise _bad(
+            f"input {clip(name)}: data is not an array of numbers: {clip(str(exc))}"
+        ) from None
     if array.size != count:
-        raise _bad(f"input {name!r}: {array.size} values for shape {list(shape)}")
+        raise _bad(f"input {clip(name)}: {array.size} values for shape {list(shape)}")
     return finite(name, array, shape)
 
 
@@ -451,6 +482,20 @@ def _strings_from_json(data: Any) -> list[bytes]:
     if not all(isinstance(e, str) for e in elements):
         raise _bad(f"input {IMAGE_BYTES!r}: JSON data must be strings; send images as binary")
     return [e.encode("utf-8") for e in elements]
+
+
+def _count(data: Any, limit: int) -> int:
+    """The elements of JSON tensor data, nested or flat, counted up to `limit` + 1."""
+    if isinstance(data, list) and not any(isinstance(e, list) for e in data[:1]):
+        return min(len(data), limit + 1)  # flat (a ragged one is numpy's to refuse)
+    found, pending = 0, [data]
+    while pending and found <= limit:
+        item = pending.pop()
+        if isinstance(item, list):
+            pending.extend(item)
+        else:
+            found += 1
+    return found
 
 
 def _flatten(data: Any) -> list[Any]:

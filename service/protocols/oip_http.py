@@ -26,7 +26,7 @@ from ..core.dataplane import DataPlane
 from ..core.errors import ModelNotFoundError
 from ..core.registry import ServedModel
 from ..core.settings import Settings
-from .bodies import read_body
+from .bodies import Body, held_body
 from .dependencies import Plane
 from .disconnect import client_gone
 from .http_errors import OIP_PREFIX
@@ -167,16 +167,16 @@ async def _infer(request: Request, plane: DataPlane, name: str, version: str | N
     settings = plane.settings
     async with plane.request(name, "v2_infer", disconnected=client_gone(request)) as call:
         entry = check_version(call.model, version).entry
-        body = await read_body(request, settings.max_request_bytes)
-        headers = request.headers
-        encoding = headers.get("content-encoding", "identity").strip().lower()
-        parse = partial(_parse, body, encoding, headers.get(HEADER_LENGTH), entry, settings)
-        inline = len(body) <= _PARSE_INLINE_BYTES and encoding in ("", "identity")
-        parsed = parse() if inline else await asyncio.to_thread(parse)
-        if parsed.images is not None:
-            logits, embeddings = await call.infer_tensors(parsed.images)
-        else:
-            logits, embeddings = await call.infer(parsed.blobs)
+        async with held_body(request, plane.bodies, settings.max_request_bytes) as body:
+            headers = request.headers
+            encoding = headers.get("content-encoding", "identity").strip().lower()
+            parse = partial(_parse, body, encoding, headers.get(HEADER_LENGTH), entry, settings)
+            inline = len(body) <= _PARSE_INLINE_BYTES and encoding in ("", "identity")
+            parsed = parse() if inline else await asyncio.to_thread(parse)
+            if parsed.images is not None:
+                logits, embeddings = await call.infer_tensors(parsed.images)
+            else:
+                logits, embeddings = await call.infer(parsed.blobs)
     results = {entry.logits_name: logits, entry.embedding_name: embeddings}
     header, chunks = encode_http(entry, parsed, results)
     if not chunks:
@@ -190,8 +190,8 @@ async def _infer(request: Request, plane: DataPlane, name: str, version: str | N
 
 
 def _parse(
-    body: bytes, encoding: str, header_length: str | None, entry: ModelEntry, settings: Settings
+    body: Body, encoding: str, header_length: str | None, entry: ModelEntry, settings: Settings
 ) -> InferRequest:
     body = decompress(body, encoding, settings.max_request_bytes)
-    payload, binary = split(body, header_length)
+    payload, binary = split(body, header_length, settings.max_json_bytes)
     return parse_http(payload, binary, entry, settings.max_images_per_request)

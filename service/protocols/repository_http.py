@@ -21,7 +21,7 @@ def _control(request: Request) -> ModelControl:
 
 @router.post("/index", summary="Every model in the repository and its state")
 async def repository_index(request: Request) -> Response:
-    return JSONResponse(_control(request).index())
+    return JSONResponse(await _control(request).index())
 
 
 @router.post("/models/{name}/load", summary="Load (or swap in) the newest version of a model")

@@ -105,4 +105,7 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     status: Literal["ready", "loading", "draining", "failed"]
-    models: dict[str, ModelState]
+    models: dict[str, ModelState] = Field(
+        default_factory=dict,
+        description="each model's state; only with the inference token when tokens are on",
+    )
