@@ -1,4 +1,4 @@
-"""`python -m tests.reliability overload|soak|fuzz|faults|swap|all --out DIR [--quick]`
+"""`python -m tests.reliability overload|soak|fuzz|faults|swap|abuse|all --out DIR [--quick]`
 
 Starts `python -m service` on free 127.0.0.1 ports (one fresh process per scenario), drives it
 with bounded request counts and time, writes DIR/results.json, DIR/results.md and the servers'
@@ -29,6 +29,7 @@ from tests.support.load import Target
 
 from ..support.graphs import write_conv, write_poison, write_tiny
 from ..support.images import ROOT, sample_images
+from . import abuse as abuse_attacks
 from . import faults as fault_scenarios
 from . import judge
 from .capacity import overload, soak
@@ -54,6 +55,7 @@ QUICK = Plan(3.0, 400, 20.0, 5.0, 2.0, 150, 10, synthetic_load=True)
 MAX_QUEUE_IMAGES = 64
 MAX_BATCH_SIZE = 16
 FUZZ_MAX_REQUEST_BYTES = 8 * 2**20
+ABUSE_TOKEN = "abuse-token-0123456789abcdef"
 
 
 class Run:
@@ -79,8 +81,10 @@ class Run:
         assert self._model is not None
         return self._repository, self._model
 
-    def service(self, name: str, repo: Path, *flags: str) -> Service:
-        service = Service(repo, self.logs / f"{name}.log", *flags)
+    def service(
+        self, name: str, repo: Path, *flags: str, env: dict[str, str] | None = None
+    ) -> Service:
+        service = Service(repo, self.logs / f"{name}.log", *flags, env=env)
         service.wait_ready()
         return service
 
@@ -205,6 +209,48 @@ class Run:
         self.results["swap"] = results
         self.checks += judge.swap(results)
 
+    def abuse(self) -> None:
+        """One client against everyone else (tests/reliability/abuse.py), with tokens off and
+        on: /healthz latency, legitimate requests and peak memory during each attack."""
+        results: dict[str, Any] = {}
+        for mode in ("open", "tokens"):
+            repo = self.out / "abuse-repo"
+            if not repo.is_dir():
+                write_tiny(repo, "tiny")
+            env = {"RESNET_SERVE_INFERENCE_TOKEN": ABUSE_TOKEN} if mode == "tokens" else {}
+            headers = {"authorization": f"Bearer {ABUSE_TOKEN}"} if mode == "tokens" else {}
+            metadata = [[k, v] for k, v in headers.items()]
+            flags = ("--no-protect-metrics", "--request-head-timeout-ms=1000")
+            with self.service(f"abuse-{mode}", repo, *flags, env=env) as service:
+                url, target = service.url, f"{service.host}:{service.grpc_port}"
+                legit = abuse_attacks.classify_png("tiny", headers)
+                attacks: dict[str, tuple[Any, ...]] = {
+                    "multipart near-boundary, 60 MB": ("multipart_near_boundary", url, 60, headers),
+                    "gRPC 60 MB of empty outputs, no token": ("grpc_amplified", target, 60),
+                    "gRPC 30 MB of empty outputs, no token": ("grpc_amplified", target, 30),
+                    "gRPC 30 MB of empty outputs, token": (
+                        "grpc_amplified", target, 30, metadata,
+                    ),
+                    "gRPC 200 MB gzip-compressed": ("grpc_compressed", target, 200, metadata),
+                    "OIP input name of 3 MB": ("json_echo", url, 3),
+                    "8 PNGs of 20 MP (a few KB each)": ("pixel_flood", url, 8, 4500),
+                    "progressive JPEG, last scan x3000": ("progressive_scans", url, 3000),
+                    "500 request heads never finished": (
+                        "slow_heads", service.host, service.port, 500, 60.0,
+                    ),
+                }  # fmt: skip
+                if mode == "tokens":  # needs the token: measured where it is open
+                    for name in list(attacks):
+                        if attacks[name][0] in ("json_echo", "pixel_flood", "progressive_scans"):
+                            del attacks[name]
+                for name, (attack, *args) in attacks.items():
+                    print(f"  {mode}: {name}", flush=True)
+                    results[f"{name} ({mode})"] = abuse_attacks.watched(
+                        service, legit, attack, *args
+                    )
+        self.results["abuse"] = results
+        self.checks += judge.abuse(results)
+
     def write(self) -> bool:
         self.results["checks"] = judge.as_dicts(self.checks)
         (self.out / "results.json").write_text(json.dumps(self.results, indent=1) + "\n")
@@ -224,7 +270,9 @@ def export_resnet18(repo: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.reliability", description=__doc__)
-    parser.add_argument("scenario", choices=["overload", "soak", "fuzz", "faults", "swap", "all"])
+    parser.add_argument(
+        "scenario", choices=["overload", "soak", "fuzz", "faults", "swap", "abuse", "all"]
+    )
     parser.add_argument("--out", type=Path, required=True, help="directory for the results")
     parser.add_argument("--quick", action="store_true", help="about a minute, synthetic models")
     parser.add_argument("--repository", type=Path, help="serve this repository for load")
@@ -234,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--repository and --model go together")
     run = Run(args.out, QUICK if args.quick else LONG, args.repository, args.model)
     started = time.monotonic()
-    steps = ["overload", "soak", "faults", "fuzz", "swap"]
+    steps = ["overload", "soak", "faults", "fuzz", "swap", "abuse"]
     steps = steps if args.scenario == "all" else [args.scenario]
     for step in steps:
         print(f"{step} ...", flush=True)

@@ -36,7 +36,7 @@ import httpx
 from PIL import Image
 
 from ..support.images import ROOT, solid
-from ..support.launcher import Service
+from ..support.launcher import Service, poll_until
 
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -146,30 +146,37 @@ def attack(name: str, *args: Any) -> dict[str, Any]:
 # -- the attacks ------------------------------------------------------------------------------
 
 
-def multipart_near_boundary(url: str, size_mb: int, headers: dict[str, str] | None = None) -> int:
+def multipart_near_boundary(
+    url: str, size_mb: int, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     head = b'--a\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n'
     body = head + b"\r\n--aX" * (size_mb * 2**20 // 6) + b"\r\n--a--\r\n"
     sent = {"content-type": "multipart/form-data; boundary=a", **(headers or {})}
     with httpx.Client(timeout=300) as client:
-        return client.post(url + "/classify", content=body, headers=sent).status_code
+        response = client.post(url + "/classify", content=body, headers=sent)
+    return {"status": response.status_code, "body": response.text[:300]}
 
 
-def grpc_amplified(target: str, size_mb: int, metadata: list[list[str]] | None = None) -> str:
+def grpc_amplified(
+    target: str, size_mb: float, metadata: list[list[str]] | None = None
+) -> dict[str, str]:
     """ModelInfer as raw bytes: model "tiny" and (size/2) million empty `outputs` entries."""
     import grpc
 
-    message = b"\x0a\x04tiny" + b"\x32\x00" * (size_mb * 2**20 // 2)
+    message = b"\x0a\x04tiny" + b"\x32\x00" * int(size_mb * 2**20 // 2)
     options = [("grpc.max_send_message_length", -1)]
     with grpc.insecure_channel(target, options=options) as channel:
         infer = channel.unary_unary(GRPC_INFER)
         try:
             infer(message, timeout=300, metadata=[tuple(m) for m in metadata or ()])
         except grpc.RpcError as error:
-            return str(error.code())
-    return "OK"
+            return {"code": error.code().name, "details": (error.details() or "")[:300]}
+    return {"code": "OK", "details": ""}
 
 
-def grpc_compressed(target: str, inflated_mb: int, metadata: list[list[str]] | None = None) -> str:
+def grpc_compressed(
+    target: str, inflated_mb: int, metadata: list[list[str]] | None = None
+) -> dict[str, str]:
     """A ModelInfer whose raw input is `inflated_mb` of zeros, sent gzip-compressed (about
     1/1000 of that on the wire)."""
     import grpc
@@ -186,13 +193,13 @@ def grpc_compressed(target: str, inflated_mb: int, metadata: list[list[str]] | N
         try:
             infer(request, timeout=300, metadata=[tuple(m) for m in metadata or ()])
         except grpc.RpcError as error:
-            return str(error.code())
-    return "OK"
+            return {"code": error.code().name, "details": (error.details() or "")[:300]}
+    return {"code": "OK", "details": ""}
 
 
-def json_echo(url: str, size_mb: int) -> dict[str, int]:
+def json_echo(url: str, size_mb: float) -> dict[str, int]:
     """An OIP request whose input name is `size_mb` long: what comes back, and how big."""
-    name = b"x" * (size_mb * 2**20)
+    name = b"x" * int(size_mb * 2**20)
     body = b'{"inputs":[{"name":"' + name + b'","datatype":"BYTES","shape":[1],"data":["a"]}]}'
     with httpx.Client(timeout=300) as client:
         response = client.post(
@@ -203,17 +210,18 @@ def json_echo(url: str, size_mb: int) -> dict[str, int]:
     return {"status": response.status_code, "body_bytes": len(response.content)}
 
 
-def pixel_flood(url: str, images: int, side: int) -> int:
+def pixel_flood(url: str, images: int, side: int) -> dict[str, Any]:
     """`images` PNGs of `side` x `side` black pixels (a few KB each) in one /classify."""
     buffer = io.BytesIO()
     Image.new("L", (side, side)).save(buffer, "PNG")
     png = buffer.getvalue()
     files = [("file", (f"{i}.png", png, "image/png")) for i in range(images)]
     with httpx.Client(timeout=300) as client:
-        return client.post(url + "/classify?model=tiny", files=files).status_code
+        response = client.post(url + "/classify?model=tiny", files=files)
+    return {"status": response.status_code, "body": response.text[:300]}
 
 
-def progressive_scans(url: str, repeats: int, side: int = 2000) -> int:
+def progressive_scans(url: str, repeats: int, side: int = 2000) -> dict[str, Any]:
     """A progressive JPEG whose last scan is repeated `repeats` times (each repeat is decoded)."""
     buffer = io.BytesIO()
     Image.new("RGB", (side, side), (128, 128, 128)).save(buffer, "JPEG", progressive=True)
@@ -224,26 +232,44 @@ def progressive_scans(url: str, repeats: int, side: int = 2000) -> int:
         response = client.post(
             url + "/classify?model=tiny", content=bomb, headers={"content-type": "image/jpeg"}
         )
-    return response.status_code
+    return {"status": response.status_code, "body": response.text[:300]}
 
 
-def slow_heads(host: str, port: int, connections: int, hold_s: float) -> dict[str, int]:
-    """Open `connections` sockets that send part of a request head, hold them `hold_s`, and
-    count how many the service closed meanwhile."""
+def slow_heads(host: str, port: int, connections: int, deadline_s: float) -> dict[str, Any]:
+    """Open `connections` sockets that send part of a request head and never the rest; how
+    many the service closed, and when the last one was closed (None: not within deadline_s)."""
     sockets = []
     for _ in range(connections):
         sock = socket.create_connection((host, port), timeout=10)
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        sockets.append(sock)
-    time.sleep(hold_s)
-    closed = 0
-    for sock in sockets:
         sock.setblocking(False)
-        try:
-            closed += sock.recv(1) == b""
-        except BlockingIOError:
-            pass
-        except OSError:
-            closed += 1
+        sockets.append(sock)
+    start, open_ = time.monotonic(), set(range(connections))
+
+    def all_closed() -> bool:
+        for index in list(open_):
+            try:
+                if sockets[index].recv(1) == b"":
+                    open_.discard(index)
+            except BlockingIOError:
+                pass
+            except OSError:
+                open_.discard(index)
+        return not open_
+
+    with contextlib.suppress(TimeoutError):
+        poll_until(all_closed, deadline_s, "every slow head closed", every_s=0.05)
+    for sock in sockets:
         sock.close()
-    return {"opened": connections, "closed_by_service": closed}
+    closed_s = round(time.monotonic() - start, 2) if not open_ else None
+    return {"opened": connections, "closed_by_service": connections - len(open_), "s": closed_s}
+
+
+def watched(
+    service: Service, legit: Callable[[httpx.Client], int], name: str, *args: Any
+) -> dict[str, Any]:
+    """Attack `name(*args)` from its own process while `Watch` measures; both results."""
+    watch = Watch(service, legit)
+    with watch.during():
+        result = attack(name, *args)
+    return {**result, **watch.report()}

@@ -219,6 +219,25 @@ def swap(result: dict[str, Any]) -> list[Check]:
     return checks
 
 
+# While one client attacks, /healthz must answer within this (a liveness probe allows seconds;
+# the target is that nobody notices).
+HEALTHZ_DURING_ATTACK_S = 0.1
+
+
+def abuse(result: dict[str, Any]) -> list[Check]:
+    """One client against everyone else (tests/reliability/abuse.py)."""
+    checks = []
+    for name, r in result.items():
+        checks += [
+            _check(f"abuse {name}: legitimate requests answered 200",
+                   bool(r["legit"]) and set(map(str, r["legit"])) == {"200"}, r["legit"]),
+            _check(f"abuse {name}: /healthz within {HEALTHZ_DURING_ATTACK_S * 1000:.0f} ms",
+                   r["healthz_max_ms"] <= HEALTHZ_DURING_ATTACK_S * 1000,
+                   f"max {r['healthz_max_ms']} ms over {r['healthz_probes']} probes"),
+        ]  # fmt: skip
+    return checks
+
+
 def as_dicts(checks: list[Check]) -> list[dict[str, Any]]:
     return [asdict(c) for c in checks]
 

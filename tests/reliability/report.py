@@ -43,6 +43,19 @@ def _row(name: str, s: dict[str, Any], notes: str) -> str:
     return f"| {name} | " + " | ".join(str(c) for c in cells) + f" | {notes} |"
 
 
+def _outcome(outcome: Any) -> str:
+    if isinstance(outcome, dict):
+        if "code" in outcome:
+            return str(outcome["code"])
+        if "status" in outcome:
+            return str(outcome["status"])
+        if "closed_by_service" in outcome:
+            return (
+                f"{outcome['closed_by_service']} of {outcome['opened']} closed ({outcome['s']} s)"
+            )
+    return str(outcome)
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         "| scenario | sent | accepted | rejected (503) | failed | lost | figures |",
@@ -141,6 +154,19 @@ def markdown(results: dict[str, Any]) -> str:
             f"answer {r['time_to_switch_s']} s after the trigger; old answers after it: "
             f"{r['old_version_after_switch']}; /readyz {r['readyz']} |"
         )
+    if results.get("abuse"):
+        lines += [
+            "",
+            "| attack (tokens) | answer | attack took | /healthz max (p50) | legitimate answers "
+            "| peak RSS growth |",
+            "|---|---|---:|---:|---|---:|",
+        ]
+        for name, r in results["abuse"].items():
+            lines.append(
+                f"| {name} | {_outcome(r['outcome'])} | {r['seconds']} s | "
+                f"{r['healthz_max_ms']} ms ({r['healthz_p50_ms']} ms) | {r['legit']} | "
+                f"{r['peak_growth_mb']} MB |"
+            )
     checks = results.get("checks", [])
     passed = sum(c["passed"] for c in checks)
     lines += ["", f"Checks: {passed} of {len(checks)} passed.", ""]
