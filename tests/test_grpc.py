@@ -18,8 +18,8 @@ from tritonclient.utils import InferenceServerException
 
 from tests.support.launcher import Service
 
-from .support.graphs import write_tiny
-from .support.images import sample_images
+from .support.graphs import write_slow
+from .support.images import sample_images, solid
 from .test_oip import MODEL, TOLERANCE, preprocessed, softmax
 
 
@@ -129,9 +129,9 @@ TOKEN = "grpc-token-0123456789abcdef"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("tiny")
-    write_tiny(root / "repo", "tiny")
+    write_slow(root / "repo", "tiny")  # a black image keeps its engine busy for a while
     env = {"RESNET_SERVE_INFERENCE_TOKEN": TOKEN}
-    flags = ("--max-delay-ms=400", "--no-protect-metrics")
+    flags = ("--no-protect-metrics",)
     with Service(root / "repo", root / "server.log", *flags, env=env) as service:
         service.wait_ready()
         yield service
@@ -157,7 +157,8 @@ def test_tokens_on_grpc(tiny: Service) -> None:
 
 
 def test_sigterm_drains_accepted_grpc_calls(tiny: Service) -> None:
-    """Calls queued when SIGTERM arrives (a 400 ms batch delay holds them) are answered."""
+    """Calls queued when SIGTERM arrives (behind a black image that keeps the engine busy) are
+    answered."""
     client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{tiny.grpc_port}")
     good = {"authorization": f"Bearer {TOKEN}"}
     results: list[Any] = []
@@ -165,12 +166,15 @@ def test_sigterm_drains_accepted_grpc_calls(tiny: Service) -> None:
 
     def callback(result: Any, error: Any) -> None:
         results.append(error or result)
-        if len(results) == 4:
+        if len(results) == 5:
             done.set()
 
+    batches = tiny.metric("resnet_serve_batch_size_images_count")
+    client.async_infer("tiny", [bytes_input([solid(0)])], callback, headers=good)
+    tiny.wait_metric("resnet_serve_batch_size_images_count", lambda v: v > batches)  # busy
     for blob in sample_images(4, seed=3):
         client.async_infer("tiny", [bytes_input([blob])], callback, headers=good)
-    tiny.wait_metric("resnet_serve_queue_depth_images", lambda v: v >= 1)
+    tiny.wait_metric("resnet_serve_queue_depth_images", lambda v: v == 4)
     assert tiny.terminate() == 0, tiny.log()
     assert done.wait(30)
     assert all(not isinstance(r, InferenceServerException) for r in results), results
@@ -182,22 +186,24 @@ def test_sigterm_drains_accepted_grpc_calls(tiny: Service) -> None:
 
 def test_a_full_queue_is_unavailable_on_grpc(tmp_path: Path) -> None:
     """The batcher's bound holds for gRPC too: a call that does not fit is refused whole."""
-    write_tiny(tmp_path / "repo", "tiny")
-    flags = ("--max-queue-images=2", "--max-batch-size=2", "--max-images-per-request=2",
-             "--max-delay-ms=2000")  # fmt: skip
+    write_slow(tmp_path / "repo", "tiny")
+    flags = ("--max-queue-images=2", "--max-batch-size=2", "--max-images-per-request=2")
     with Service(tmp_path / "repo", tmp_path / "server.log", *flags) as service:
         service.wait_ready()
         client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{service.grpc_port}")
         answered = threading.Event()
+        busy = threading.Event()
+        client.async_infer("tiny", [bytes_input([solid(0)])], lambda **_: busy.set())
+        service.wait_metric("resnet_serve_batch_size_images_count", lambda v: v == 1)
         client.async_infer(
             "tiny", [bytes_input(sample_images(1))], lambda **_: answered.set()
-        )  # one image waits up to 2 s for a second one
+        )  # one image waits while the black one runs
         service.wait_metric("resnet_serve_queue_depth_images", lambda v: v == 1)
         with pytest.raises(InferenceServerException) as caught:
             client.infer("tiny", [bytes_input(sample_images(2, seed=1))])
         assert caught.value.status() == "StatusCode.UNAVAILABLE"
         assert "max_queue_images" in caught.value.message()
-        assert answered.wait(30)
+        assert answered.wait(30) and busy.wait(30)
         assert (
             service.metric("resnet_serve_requests_total", endpoint="grpc_infer", status="503") == 1
         )

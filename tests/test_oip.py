@@ -10,9 +10,11 @@ import json
 import socket
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -23,6 +25,8 @@ from service.protocols.app import create_app
 from tests.support.launcher import Service
 
 from .conftest import normalize_cifar
+from .support.graphs import slow_graph, write_entry
+from .support.images import solid
 from .support.service import wait_ready, write_tiny_model
 
 httpclient = pytest.importorskip(
@@ -389,11 +393,17 @@ def test_health_answers_have_empty_bodies(tiny: TestClient) -> None:
 
 
 def test_a_departed_oip_client_ends_as_499_and_its_images_never_run(tmp_path: Path) -> None:
-    """As for /classify: the disconnect is noticed while the images wait for their batch (a 2 s
-    window here), they are dropped, and the request is counted as 499."""
-    write_tiny_model(tmp_path / "repo", "tiny", num_classes=4)
-    with Service(tmp_path / "repo", tmp_path / "server.log", "--max-delay-ms=2000") as service:
+    """As for /classify: the disconnect is noticed while the images wait for their batch
+    (behind a black image that keeps the engine busy), they are dropped, and the request is
+    counted as 499."""
+    write_entry(tmp_path / "repo", "tiny", slow_graph(8, 4), crop=8, classes=4, dim=3)
+    with Service(tmp_path / "repo", tmp_path / "server.log") as service:
         service.wait_ready()
+        busy = ThreadPoolExecutor(1).submit(
+            httpx.post, f"{service.url}/classify", content=solid(0),
+            headers={"content-type": "image/png"}, timeout=60,
+        )  # fmt: skip
+        service.wait_metric("resnet_serve_batch_size_images_count", lambda v: v == 1)
         body = json.dumps({"inputs": [tensor([2, 3, 8, 8])]}).encode()
         head = (
             f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: {service.host}\r\n"
@@ -404,7 +414,8 @@ def test_a_departed_oip_client_ends_as_499_and_its_images_never_run(tmp_path: Pa
             service.wait_metric("resnet_serve_queue_depth_images", lambda v: v == 2, model="tiny")
         closed = {"model": "tiny", "endpoint": "v2_infer", "status": "499"}
         service.wait_metric("resnet_serve_requests_total", lambda v: v == 1, **closed)
+        assert busy.result().status_code == 200
         service.wait_metric("resnet_serve_queue_depth_images", lambda v: v == 0, model="tiny")
-        assert service.metric("resnet_serve_batch_size_images_sum", model="tiny") == 0
-        assert service.metric("resnet_serve_images_total", model="tiny") == 2  # admitted, sent
+        assert service.metric("resnet_serve_batch_size_images_sum", model="tiny") == 1  # black
+        assert service.metric("resnet_serve_images_total", model="tiny") == 3  # admitted, sent
         assert service.terminate() == 0, service.log()

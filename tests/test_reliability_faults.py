@@ -19,14 +19,14 @@ from .reliability.faults import (
     failing_batch,
     sigterm_under_load,
 )
-from .support.graphs import write_conv, write_poison, write_tiny
+from .support.graphs import write_conv, write_poison, write_slow
 from .support.images import sample_images
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("repo")
-    write_tiny(path, "tiny", max_batch_size=64)
+    write_slow(path, "tiny", max_batch_size=64)
     write_poison(path, "poison")
     return path
 
@@ -52,7 +52,7 @@ def test_a_broken_model_stops_start_up_with_one_clear_line(tmp_path: Path, case:
 def test_a_batch_whose_inference_raises_fails_with_500_json_and_the_next_one_works(
     repo: Path, tmp_path: Path
 ) -> None:
-    with started(repo, tmp_path / "server.log", "--max-delay-ms=300") as service:
+    with started(repo, tmp_path / "server.log") as service:
         result = failing_batch(service, "poison", "tiny")
         failed = [(r["status"], r["content_type"], r["code"]) for r in result["same_batch"]]
         assert failed == [(500, "application/json", "inference_failed")] * 2, result
@@ -65,8 +65,7 @@ def test_a_batch_whose_inference_raises_fails_with_500_json_and_the_next_one_wor
 def test_clients_that_disconnect_have_their_queued_images_dropped(
     repo: Path, tmp_path: Path
 ) -> None:
-    flags = ("--max-delay-ms=1000", "--max-batch-size=64")
-    with started(repo, tmp_path / "server.log", *flags) as service:
+    with started(repo, tmp_path / "server.log", "--max-batch-size=64") as service:
         result = disconnects(Target(service, "tiny", sample_images(8)), clients=6)
         assert result["answered_499"] == result["disconnected_requests"], result
         assert result["images_run_for_disconnected"] == 0, result

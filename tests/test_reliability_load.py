@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.core.errors import QueueFullError
 from service.core.settings import Settings
 from service.protocols.app import create_app
 from tests.support.launcher import Service
@@ -22,7 +19,7 @@ from tests.support.load import Target
 from .reliability.capacity import overload, soak
 from .support.graphs import write_conv, write_tiny
 from .support.images import sample_images, solid
-from .support.service import make_batcher, submit, wait_ready
+from .support.service import wait_ready
 
 QUEUE, BATCH = 32, 16
 
@@ -115,47 +112,3 @@ def test_refused_images_are_not_counted_as_sent_to_inference(client: TestClient)
 
 def _png() -> dict[str, str]:
     return {"content-type": "image/png"}
-
-
-def test_admitted_room_counts_against_the_queue_until_the_ticket_ends() -> None:
-    zeros = partial(np.zeros, dtype=np.float32)
-
-    async def main() -> None:
-        batcher = make_batcher(lambda batch: [batch], max_delay_ms=1, max_queue_images=4)
-        batcher.start()
-        async with batcher.admit(3) as ticket:
-            await asyncio.sleep(0.01)  # awaits between admission and run cannot lose the room
-            with pytest.raises(QueueFullError):
-                await submit(batcher, zeros((2, 1)))
-            (out,) = await ticket.run(zeros((1, 1)))  # uses 1 of its 3
-            assert out.shape == (1, 1)
-            with pytest.raises(QueueFullError):  # the 2 unused are still held
-                await submit(batcher, zeros((3, 1)))
-        assert len((await submit(batcher, zeros((4, 1))))[0]) == 4  # all of it came back
-        assert batcher.waiting == 0
-        await batcher.stop()
-
-    asyncio.run(main())
-
-
-def test_images_of_a_request_that_gave_up_leave_the_forming_batch() -> None:
-    seen: list[int] = []
-
-    def infer(batch: np.ndarray) -> list[np.ndarray]:
-        seen.extend(int(v) for v in batch[:, 0])
-        return [batch]
-
-    async def main() -> None:
-        batcher = make_batcher(infer, max_batch_size=8, max_delay_ms=1000, max_queue_images=8)
-        batcher.start()
-        gone = asyncio.create_task(submit(batcher, np.full((2, 1), 7, dtype=np.float32)))
-        stays = asyncio.create_task(submit(batcher, np.full((1, 1), 1, dtype=np.float32)))
-        async with asyncio.timeout(30):
-            while batcher.waiting < 3:  # all three in the batch being formed (1 s window)
-                await asyncio.sleep(0.001)
-        gone.cancel()
-        assert len((await stays)[0]) == 1
-        await batcher.stop()
-
-    asyncio.run(main())
-    assert seen == [1]

@@ -23,7 +23,8 @@ from tests.support.launcher import Service, poll_until
 
 from .conftest import CIFAR_CHECKPOINT_FILES, PHOTOS, normalize_cifar, require
 from .reliability.hostile import png_bomb
-from .support.images import encode, encode_image
+from .support.graphs import write_slow
+from .support.images import encode, encode_image, sample_images, solid
 from .support.service import export, multipart, service_cli, write_tiny_model
 
 MAX_REQUEST_BYTES = 8 * 2**20
@@ -294,50 +295,48 @@ def test_sigterm_while_loading_exits_cleanly(slow_repo: Path, tmp_path: Path) ->
         assert "Traceback" not in service.log(), service.log()
 
 
-def test_sigterm_finishes_every_accepted_request(
-    repo: Path, tmp_path: Path, cifar_pngs: list[bytes], cifar_test_set: tuple[np.ndarray, Any]
-) -> None:
-    """Timeline: 8 images wait 5 s for their batch; SIGTERM; /readyz turns 503 while requests
-    are still accepted for the 2 s drain delay (wide, for a loaded machine); the listener
-    closes; then the batch runs and every accepted request is answered before the process exits
-    0. Each step waits on what it needs (a metric, an answer, a refused connection), never on a
-    fixed sleep."""
+def test_sigterm_finishes_every_accepted_request(tmp_path: Path) -> None:
+    """Timeline: a black image keeps the engine busy (a `slow_graph`) while 8 images queue;
+    SIGTERM; /readyz turns 503 while requests are still accepted for the drain delay; the
+    listener closes; then the queued images run and every accepted request is answered before
+    the process exits 0. Each step waits on what it needs (a metric, an answer, a refused
+    connection), never on a fixed sleep."""
+    write_slow(tmp_path / "repo", "slow")
     with Service(
-        repo,
+        tmp_path / "repo",
         tmp_path / "server.log",
-        "--default-model=cifar10",
-        "--max-delay-ms=5000",
         "--max-queue-images=12",
         "--max-batch-size=12",
         "--max-images-per-request=8",
-        "--drain-delay-ms=2000",
+        "--drain-delay-ms=300",
     ) as service:
         service.wait_ready()
         url = f"{service.url}/classify?top_k=1"
-        pool = ThreadPoolExecutor(4)
+        pool = ThreadPoolExecutor(5)
+        images = sample_images(18)
 
         def post(blobs: list[bytes]) -> httpx.Response:
-            return httpx.post(url, files=multipart(blobs), timeout=30)
+            return httpx.post(url, files=multipart(blobs), timeout=60)
 
-        accepted = [pool.submit(post, cifar_pngs[:8])]
-        service.wait_metric(
-            "resnet_serve_queue_depth_images", lambda depth: depth >= 8, 10, model="cifar10"
-        )
-        refused = post(cifar_pngs[8:16])  # 8 more do not fit in 12
+        accepted = [pool.submit(post, [solid(0)])]  # runs at once and keeps the engine busy
+        service.wait_metric("resnet_serve_batch_size_images_count", lambda v: v == 1)
+        accepted.append(pool.submit(post, images[:8]))
+        queued = "resnet_serve_queue_depth_images"
+        service.wait_metric(queued, lambda depth: depth == 8, model="slow")
+        refused = post(images[8:16])  # 8 more do not fit in 12
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "queue_full"
         assert refused.headers["retry-after"] == "1"
-        accepted.append(pool.submit(post, cifar_pngs[16:17]))  # 1 more does
-        queued = "resnet_serve_queue_depth_images"
-        service.wait_metric(queued, lambda depth: depth == 9, 10, model="cifar10")
+        accepted.append(pool.submit(post, images[16:17]))  # 1 more does
+        service.wait_metric(queued, lambda depth: depth == 9, model="slow")
 
         service.process.send_signal(signal.SIGTERM)
         ready = poll_until(
             lambda: (r := httpx.get(f"{service.url}/readyz")).status_code == 503 and r, 10, "503"
         )
         assert ready.json()["status"] == "draining"
-        accepted.append(pool.submit(post, cifar_pngs[17:18]))  # still accepted while draining
-        service.wait_metric(queued, lambda depth: depth == 10, 10, model="cifar10")
+        accepted.append(pool.submit(post, images[17:18]))  # still accepted while draining
+        service.wait_metric(queued, lambda depth: depth == 10, model="slow")
 
         def listener_closed() -> bool:
             try:
@@ -351,9 +350,8 @@ def test_sigterm_finishes_every_accepted_request(
 
         responses = [future.result() for future in accepted]
         pool.shutdown()
-        assert [r.status_code for r in responses] == [200, 200, 200], responses[0].text
-        predicted = [p[0]["index"] for p in responses[0].json()["predictions"]]
-        assert (np.array(predicted) == cifar_test_set[1][:8]).sum() >= 6
+        assert [r.status_code for r in responses] == [200] * 4, responses[0].text
+        assert [len(r.json()["predictions"]) for r in responses] == [1, 8, 1, 1]
         assert service.process.wait(30) == 0, service.log()
         assert "Traceback" not in service.log(), service.log()
 

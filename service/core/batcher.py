@@ -1,9 +1,12 @@
 """Dynamic batching for one model: images from concurrent requests share inference runs.
 
-A batch closes at `max_batch_size` images or `max_delay_ms` after its first image arrived,
-whichever comes first; while a batch runs (in a thread, off the event loop), the next one fills
-up, so under load batches grow by themselves and at low load an image waits at most
-`max_delay_ms`.
+A batch starts as soon as the engine is free and an image is queued: a lone request never waits
+for company. While a batch runs (in a thread, off the event loop), the images that arrive queue
+up and form the next batch, so under load batches grow by themselves, up to `max_batch_size`.
+`max_delay_ms` only holds a batch back while more images are already on their way: admitted
+(their request holds queue room) but still being decoded. Then the batch waits for them, up to
+`max_delay_ms` after its first image was queued, or until none is on its way any more. (Triton's
+dynamic batcher works the same way; its queue delay is an option, 0 by default.)
 
 One way in: `async with batcher.admit(n) as ticket: ... await ticket.run(images)`. Admission
 takes room for `n` images in the bounded queue at once, or refuses the whole request (503) before
@@ -22,6 +25,7 @@ runs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -46,12 +50,12 @@ class Ticket:
 
     def __init__(self, batcher: Batcher, size: int) -> None:
         self._batcher = batcher
-        self._held = size  # room not yet handed to the queue
+        self._held = size  # room not yet handed to the queue: images on their way
         self._images: np.ndarray | None = None
         self._outputs: list[np.ndarray] | None = None
         self._missing = 0
         self._done: asyncio.Future[OutputArrays] = asyncio.get_running_loop().create_future()
-        self.trace = current_record()  # the request's, when it is traced (service/tracing.py)
+        self.trace = current_record()  # the request's, when it is traced (core/tracing.py)
 
     @property
     def gone(self) -> bool:
@@ -64,16 +68,14 @@ class Ticket:
             raise RuntimeError("a ticket runs once")
         if not 0 < len(images) <= self._held:
             raise ValueError(f"{len(images)} images for a ticket of {self._held}")
-        if self._batcher._closed:  # admitted before the batcher began to stop; too late now
+        batcher = self._batcher
+        if batcher._closed:  # admitted before the batcher began to stop; too late now
             raise NotReadyError(
-                f"model {self._batcher.name} is stopping",
-                retry_after_s=self._batcher._retry_after_s,
+                f"model {batcher.name} is stopping", retry_after_s=batcher._retry_after_s
             )
         self._images, self._missing = images, len(images)
         self._held -= len(images)  # from now on the queue accounts for them
-        now = time.monotonic()
-        for index in range(len(images)):
-            self._batcher._queue.put_nowait(_Item(self, index, now))
+        batcher._enqueue(self, len(images))
         # Cancelling this await (timeout, disconnect) cancels `_done`: the queued images are
         # dropped before their batch runs.
         return await self._done
@@ -124,7 +126,7 @@ class Batcher:
         if max_batch_size < 1 or max_queue_images < max_batch_size or max_delay_ms < 0:
             raise ValueError(
                 "need 1 <= max_batch_size <= max_queue_images and max_delay_ms >= 0, got "
-                f"{max_batch_size}, {max_queue_images}, {max_delay_ms}"
+                f"{max_batch_size}, {max_delay_ms}, {max_queue_images}"
             )
         self.name = name
         self.max_batch_size = max_batch_size
@@ -132,11 +134,15 @@ class Batcher:
         self.max_queue_images = max_queue_images
         self._infer = infer
         self._retry_after_s = retry_after_s
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._items: collections.deque[_Item] = collections.deque()
+        self._arrived = asyncio.Event()  # an image was queued, or room held for one came back
+        self._idle = asyncio.Event()  # nothing queued and no batch running
+        self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
-        self._waiting = 0  # images admitted and not yet running: reserved, queued or forming
+        self._waiting = 0  # images admitted and not yet running: held, queued or forming
+        self._incoming = 0  # of those, held by tickets: still being decoded
         self._queue_wait = metrics.queue_wait.labels(name)
         self._queue_depth = metrics.queue_depth.labels(name)
         self._batch_size = metrics.batch_size.labels(name)
@@ -150,7 +156,7 @@ class Batcher:
         """Refuse new images, finish every queued one, then stop the runner."""
         self._closed = True
         if self._task is not None:
-            await self._queue.join()
+            await self._idle.wait()
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
@@ -185,47 +191,62 @@ class Batcher:
         self.ensure_room(count)
         ticket = Ticket(self, count)
         self._set_waiting(count)
+        self._incoming += count
         try:
             yield ticket
         finally:
-            self._set_waiting(-ticket._held)
-            ticket._held = 0
+            if ticket._held:  # admitted, never queued (decoding failed, the client left)
+                self._incoming -= ticket._held
+                self._set_waiting(-ticket._held)
+                ticket._held = 0
+                self._arrived.set()  # a batch waiting for these stops waiting
+
+    def _enqueue(self, ticket: Ticket, count: int) -> None:
+        now = time.monotonic()
+        self._items.extend(_Item(ticket, index, now) for index in range(count))
+        self._incoming -= count
+        self._idle.clear()
+        self._arrived.set()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            while not self._items:
+                self._idle.set()
+                self._arrived.clear()
+                await self._arrived.wait()
             batch = await self._collect()
-            try:
-                await self._run_batch(loop, batch)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+            await self._run_batch(loop, batch)
 
-    async def _collect(self) -> list[_Item]:
-        batch: list[_Item] = []
-        deadline: float | None = None
-        while len(batch) < self.max_batch_size:
-            if deadline is None:
-                item = await self._queue.get()
-            else:
-                try:
-                    item = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        async with asyncio.timeout(remaining):
-                            item = await self._queue.get()
-                    except TimeoutError:
-                        break
+    def _take(self, count: int) -> list[_Item]:
+        """Up to `count` queued images, skipping (and releasing) those of gone requests."""
+        taken: list[_Item] = []
+        while self._items and len(taken) < count:
+            item = self._items.popleft()
             if item.ticket.gone:  # its request gave up (timeout, error in a sibling image)
                 self._set_waiting(-1)
-                self._queue.task_done()
-                continue
-            if deadline is None:
-                deadline = item.enqueued + self.max_delay_s
-            batch.append(item)
+            else:
+                taken.append(item)
+        return taken
+
+    async def _collect(self) -> list[_Item]:
+        """The next batch: what is queued now, and, while more images are on their way, what
+        arrives until `max_delay_ms` after the first."""
+        batch = self._take(self.max_batch_size)
+        if not batch:
+            return batch
+        deadline = batch[0].enqueued + self.max_delay_s
+        while len(batch) < self.max_batch_size and self._incoming > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
+            except TimeoutError:
+                break
+            batch += self._take(self.max_batch_size - len(batch))
         return batch
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
@@ -276,7 +297,7 @@ class Batcher:
 
 
 def _record(batch: list[_Item], start: float, infer_start: float, infer_end: float) -> None:
-    """Tell traced requests which batch ran their images, and when (service/tracing.py)."""
+    """Tell traced requests which batch ran their images, and when (core/tracing.py)."""
     for item in batch:
         trace = item.ticket.trace
         if trace is not None:

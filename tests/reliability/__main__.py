@@ -27,7 +27,7 @@ import httpx
 from tests.support.launcher import Service
 from tests.support.load import Target
 
-from ..support.graphs import write_conv, write_poison, write_tiny
+from ..support.graphs import write_conv, write_poison, write_slow, write_tiny
 from ..support.images import ROOT, sample_images
 from . import abuse as abuse_attacks
 from . import faults as fault_scenarios
@@ -161,13 +161,12 @@ class Run:
             self.checks += judge.startup(outcome)
         repo = self.out / "faults-repo"
         if not repo.is_dir():
-            write_tiny(repo, "tiny", max_batch_size=64)
+            write_slow(repo, "tiny", max_batch_size=64)
             write_poison(repo, "poison")
-        with self.service("failing-batch", repo, "--max-delay-ms=300") as service:
+        with self.service("failing-batch", repo) as service:
             results["failing_batch"] = fault_scenarios.failing_batch(service, "poison", "tiny")
         self.checks += judge.failing_batch(results["failing_batch"])
-        flags = ("--max-delay-ms=1000", "--max-batch-size=64")
-        with self.service("disconnects", repo, *flags) as service:
+        with self.service("disconnects", repo, "--max-batch-size=64") as service:
             target = Target(service, "tiny", sample_images(8))
             results["disconnects"] = fault_scenarios.disconnects(target)
         self.checks += judge.disconnects(results["disconnects"])

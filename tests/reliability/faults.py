@@ -16,7 +16,7 @@ import contextlib
 import json
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,25 +129,33 @@ def broken_model_at_startup(workdir: Path, case: str, deadline_s: float = 60.0) 
 
 def failing_batch(service: Service, model: str, healthy_model: str) -> dict[str, Any]:
     """A poisoned image (white, see graphs.poison_graph) and a benign one in the same batch of
-    `model`, then a benign request to `model` and one to `healthy_model`. Run the service with
-    a max_delay_ms long enough (>= 200) for the first two to share a batch."""
-    host, poisoned, benign = service.host, solid(255), solid(90)
+    `model`, then a benign request to `model` and one to `healthy_model`. The two share a batch
+    because they queue while a black image keeps the engine busy."""
+    host, poisoned, benign, black = service.host, solid(255), solid(90), solid(0)
 
     def request(model_name: str, image: bytes) -> bytes:
         ct, body = multipart([image])
         return build("POST", f"/classify?model={model_name}", host=host, body=body, content_type=ct)
 
-    async def together() -> list[Any]:
-        return list(
-            await asyncio.gather(
-                send(host, service.port, request(model, poisoned)),
-                send(host, service.port, request(model, benign)),
-            )
-        )
+    batches = "resnet_serve_batch_size_images_count"
+    batches_before = service.metric(batches, model=model)
 
-    batches_before = service.metric("resnet_serve_batch_size_images_count", model=model)
+    async def together() -> list[Any]:
+        busy = asyncio.ensure_future(send(host, service.port, request(model, black)))
+        await asyncio.to_thread(service.wait_metric, batches, lambda v: v > batches_before,
+                                model=model)  # fmt: skip
+        pair = [
+            asyncio.ensure_future(send(host, service.port, request(model, image)))
+            for image in (poisoned, benign)
+        ]
+        await asyncio.to_thread(
+            service.wait_metric, "resnet_serve_queue_depth_images", lambda v: v == 2, model=model
+        )
+        await busy
+        return list(await asyncio.gather(*pair))
+
     same_batch = asyncio.run(together())
-    batches = service.metric("resnet_serve_batch_size_images_count", model=model) - batches_before
+    batches = service.metric(batches, model=model) - batches_before - 1  # the black one's
     after = asyncio.run(send(host, service.port, request(model, benign)))
     other = asyncio.run(send(host, service.port, request(healthy_model, poisoned)))
 
@@ -170,10 +178,10 @@ def failing_batch(service: Service, model: str, healthy_model: str) -> dict[str,
 
 
 def disconnects(target: Target, clients: int = 8) -> dict[str, Any]:
-    """`clients` clients that disconnect 50 ms after sending two images, and as many that
-    disconnect halfway through their upload, then one that waits. Run the service with a long
-    max_delay_ms (>= 1000) and max_batch_size > 2 * clients, so that the early ones' images
-    still wait for their batch when they go."""
+    """`clients` clients that disconnect once their two images are queued, and as many that
+    disconnect halfway through their upload, then one that waits. A black image keeps the engine
+    (a `slow_graph`) busy meanwhile, so that the early ones' images still wait for their batch
+    when they go."""
     service, model = target.service, target.model
     inferred = "resnet_serve_batch_size_images_sum"
     before = {
@@ -183,13 +191,22 @@ def disconnects(target: Target, clients: int = 8) -> dict[str, Any]:
     }
 
     async def scenario() -> None:
+        black = target.request_with(solid(0))
+        busy = asyncio.ensure_future(target.send(black))
+        await asyncio.to_thread(
+            service.wait_metric, "resnet_serve_batch_size_images_count", lambda v: v >= 1,
+            model=model,
+        )  # fmt: skip
         requests = [target.request(i, images=2) for i in range(clients)]
-        gone = [target.send(r, disconnect_after_s=0.05) for r in requests]
+        everyone_queued = _queued(service, model, 2 * clients)
+        queued = [target.send(r, disconnect_when=everyone_queued) for r in requests]
         halves = [_half_upload(target, r) for r in requests]
-        await asyncio.gather(*gone, *halves)
+        await asyncio.gather(*queued, *halves)
+        await busy
 
     asyncio.run(scenario())
     idle_after_s = service.wait_idle(model)
+    before["images"] += 1  # the black image that kept the engine busy
     of_disconnected = service.metric(inferred, model=model) - before["images"]
     waiting = asyncio.run(target.send(target.request(0, images=2)))
     after = {
@@ -208,6 +225,16 @@ def disconnects(target: Target, clients: int = 8) -> dict[str, Any]:
         "idle_after_s": round(idle_after_s, 2),
         "fds": [before["fds"], after["fds"]],
     }
+
+
+def _queued(service: Service, model: str, images: int) -> Callable[[], Awaitable[None]]:
+    """A waiter that returns once `images` images wait in `model`'s queue."""
+
+    async def wait() -> None:
+        depth = "resnet_serve_queue_depth_images"
+        await asyncio.to_thread(service.wait_metric, depth, lambda v: v >= images, model=model)
+
+    return wait
 
 
 async def _half_upload(target: Target, request: bytes) -> None:

@@ -91,8 +91,13 @@ def conv_graph(crop: int, classes: int, *, layers: int, channels: int = 64, seed
 def poison_graph(crop: int, classes: int, *, seed: int = 0) -> bytes:
     """`tiny_graph` whose logits pass through a Reshape to [-1, classes + 1000 * poisoned],
     poisoned = max(images) > POISON_THRESHOLD: a batch holding a bright pixel makes onnxruntime
-    raise (classes * N elements never fill rows of classes + 1000), any other batch works."""
-    nodes, weights = _head("images", 3, classes, np.random.default_rng(seed), "raw_logits")
+    raise (classes * N elements never fill rows of classes + 1000), any other batch works. A
+    black image keeps it busy, as `slow_graph` does (so that a test can batch what follows)."""
+    nodes, weights = _head("images", 3, classes, np.random.default_rng(seed), "head_logits")
+    loop, loop_weights = _slow_loop("head_logits", SLOW_UNIT)
+    loop[-1] = helper.make_node("Add", ["head_logits", "nothing"], ["raw_logits"])
+    nodes += loop
+    weights += loop_weights
     nodes += [
         helper.make_node("ReduceMax", ["images"], ["peak"], keepdims=0),
         helper.make_node("Greater", ["peak", "threshold"], ["poisoned"]),
@@ -111,6 +116,84 @@ def poison_graph(crop: int, classes: int, *, seed: int = 0) -> bytes:
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "minus_one"),
     ]
     return _model(nodes, crop, classes, 3, weights)
+
+
+# A black image's red channel, normalized with ImageNet's mean and std, is (0 - 0.485) / 0.229 =
+# -2.12; a gray or any photo-like one is far above SLOW_BELOW.
+SLOW_BELOW = -2.0
+SLOW_UNIT = 100_000  # a black image: 12,000 products of 256x256 matrices, ~3 s on 2 AVX2 cores
+
+
+def _slow_loop(source: str, unit: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes that keep the engine busy for a black image: a Loop of
+    `unit * (SLOW_BELOW - mean of the red channel)` matrix products (0 for any other image,
+    warm-up zeros included), whose result is added to `source` times 0 (logits unchanged)."""
+    state = np.ones((256, 256), dtype=np.float32)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["state_in", "slow_w"], ["state_out"]),
+        ],
+        "slow_body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, [256, 256]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [256, 256]),
+        ],
+    )
+    nodes = [
+        helper.make_node("Slice", ["images", "c0", "c1", "axis1"], ["red"]),
+        helper.make_node("ReduceMean", ["red"], ["red_mean"], keepdims=0),
+        helper.make_node("Sub", ["slow_below", "red_mean"], ["below"]),
+        helper.make_node("Relu", ["below"], ["below_pos"]),
+        helper.make_node("Mul", ["below_pos", "slow_unit"], ["runs_f"]),
+        helper.make_node("Cast", ["runs_f"], ["runs"], to=TensorProto.INT64),
+        helper.make_node("Loop", ["runs", "true", "slow_state"], ["slow_end"], body=body),
+        helper.make_node("ReduceSum", ["slow_end"], ["slow_sum"], keepdims=0),
+        helper.make_node("Mul", ["slow_sum", "zero"], ["nothing"]),
+        helper.make_node("Add", [source, "nothing"], ["logits"]),
+    ]
+    weights = [
+        numpy_helper.from_array(np.eye(256, dtype=np.float32), "slow_w"),
+        numpy_helper.from_array(state, "slow_state"),
+        numpy_helper.from_array(np.array(SLOW_BELOW, dtype=np.float32), "slow_below"),
+        numpy_helper.from_array(np.array(unit, dtype=np.float32), "slow_unit"),
+        numpy_helper.from_array(np.array(True), "true"),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "c0"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "c1"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+    ]
+    return nodes, weights
+
+
+def slow_graph(crop: int, classes: int, *, unit: int = SLOW_UNIT, seed: int = 0) -> bytes:
+    """`tiny_graph` that keeps the engine busy while it runs a black image (about
+    `unit` * 0.12 products of [256, 256] matrices) and takes microseconds for any other: how a
+    test holds the engine busy on demand, so that what it sends next waits in the queue,
+    without waiting on time itself."""
+    nodes, weights = _head("images", 3, classes, np.random.default_rng(seed), "raw_logits")
+    loop, loop_weights = _slow_loop("raw_logits", unit)
+    return _model(nodes + loop, crop, classes, 3, weights + loop_weights)
+
+
+def write_slow(
+    repo: Path,
+    name: str = "slow",
+    *,
+    crop: int = 16,
+    classes: int = 4,
+    unit: int = SLOW_UNIT,
+    max_batch_size: int = 16,
+) -> Path:
+    graph = slow_graph(crop, classes, unit=unit)
+    return write_entry(
+        repo, name, graph, crop=crop, classes=classes, dim=3, max_batch_size=max_batch_size
+    )
 
 
 def write_entry(

@@ -374,6 +374,12 @@ class Target:
         target = f"/{endpoint}?model={model or self.model}"
         return build("POST", target, host=self.service.host, body=body, content_type=content_type)
 
+    def request_with(self, blob: bytes, *, endpoint: str = "classify") -> bytes:
+        """A request carrying exactly `blob`."""
+        content_type, body = multipart([blob])
+        target = f"/{endpoint}?model={self.model}"
+        return build("POST", target, host=self.service.host, body=body, content_type=content_type)
+
     async def send(self, request: bytes, **options: Any) -> Outcome:
         options.setdefault("timeout_s", self.timeout_s)
         service = self.service

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -155,9 +155,11 @@ async def send(
     *,
     timeout_s: float = 60.0,
     disconnect_after_s: float | None = None,
+    disconnect_when: Callable[[], Awaitable[object]] | None = None,
 ) -> Outcome:
     """Send `request` on a new connection and read the answer; with `disconnect_after_s`, close
-    the connection that long after sending instead (a client that gave up)."""
+    the connection that long after sending instead (a client that gave up); with
+    `disconnect_when`, once that returns."""
     start = time.monotonic()
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
@@ -167,8 +169,11 @@ async def send(
         async with asyncio.timeout(timeout_s):
             writer.write(request)
             await writer.drain()
-            if disconnect_after_s is not None:
-                await asyncio.sleep(disconnect_after_s)
+            if disconnect_after_s is not None or disconnect_when is not None:
+                if disconnect_when is not None:
+                    await disconnect_when()
+                else:
+                    await asyncio.sleep(disconnect_after_s or 0.0)
                 return Outcome(None, time.monotonic() - start, error="disconnected on purpose")
             answer = await read_response(reader)
     except TimeoutError:
