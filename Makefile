@@ -20,9 +20,12 @@ $(BIN)/activate: pyproject.toml
 venv: $(BIN)/activate
 
 # Export the paper set (checkpoints from $(WEIGHTS)/ where present, random weights otherwise;
-# versions already present with the same weights are skipped), then serve it.
+# versions already present with the same weights are skipped), then serve it. Models that the
+# images in $(CALIBRATION)/ suit (a few hundred like your traffic) get --precision auto.
+CALIBRATION ?= calibration
 export: venv
-	$(BIN)/python -m export --preset paper --weights-dir $(WEIGHTS) --out $(REPO)
+	$(BIN)/python -m export --preset paper --weights-dir $(WEIGHTS) --out $(REPO) \
+		--calibration-dir $(CALIBRATION)
 
 serve: export
 	$(BIN)/python -m service --model-repository $(REPO) --host $(HOST) --port $(PORT)

@@ -66,13 +66,14 @@ class Stack:
     port: int
     grpc_port: int
     env: dict[str, str]
+    project: str = PROJECT
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def compose(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
-        command = [docker(), "compose", "-p", PROJECT, "-f", "docker-compose.yml"]
+        command = [docker(), "compose", "-p", self.project, "-f", "docker-compose.yml"]
         command += ["-f", "docker-compose.cpu.yml", *args]
         result = subprocess.run(
             command, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout_s
@@ -102,7 +103,7 @@ class Stack:
         return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
 
     def leftovers(self) -> dict[str, list[str]]:
-        label = f"label=com.docker.compose.project={PROJECT}"
+        label = f"label=com.docker.compose.project={self.project}"
         found = {}
         for kind in ("container", "volume", "network"):
             command = [docker(), kind, "ls", "-q", "--filter", label]
@@ -118,6 +119,8 @@ class Stack:
 def stack() -> Iterator[Stack]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RESNET_SERVE_", "EXPORT_"))}
     port, grpc_port = free_port(), free_port()
+    empty = Path(os.environ.get("STATE_DIR", ROOT / ".docker-ci")) / "calibration-empty"
+    empty.mkdir(parents=True, exist_ok=True)  # no representative images: fp32, and one line
     env.update(
         COMPOSE_PROJECT_NAME=PROJECT,
         API_BIND="127.0.0.1",
@@ -125,6 +128,7 @@ def stack() -> Iterator[Stack]:
         API_GRPC_PORTS=str(grpc_port),
         EXPORT_ARCHS=MODEL,
         EXPORT_PRETRAINED="never",
+        CALIBRATION_DIR=str(empty),
         RESNET_SERVE_MAX_QUEUE_IMAGES="4096",
     )
     stack = Stack(port, grpc_port, env)
@@ -159,6 +163,19 @@ def test_ready_and_serving_the_shipped_trained_model(stack: Stack) -> None:
     assert model["name"] == MODEL
     assert model["metadata"]["weights"]["trained"] is True
     assert model["metadata"]["weights"]["source"].endswith("resnet20-12fca82f.th")
+
+
+def test_without_calibration_images_the_export_says_in_one_line_what_is_missing(
+    stack: Stack,
+) -> None:
+    logs = stack.compose("logs", "--no-color", "export").stdout.splitlines()
+    hints = [line for line in logs if "put a few hundred images like your traffic in" in line]
+    print(f"\n[container] without calibration images: {hints}", flush=True)
+    (hint,) = hints
+    assert f"{MODEL}: fp32 (no images in calibration/ suit its 32x32 input)" in hint
+    assert hint.rstrip().endswith("for the fastest precision that passes the gate")
+    model = httpx.get(f"{stack.url}/models/{MODEL}", timeout=10).json()["metadata"]
+    assert model["precision"] == "fp32" and model.get("precision_choice") is None
 
 
 def test_the_shipped_resnet20_classifies_2000_real_images_as_pytorch_does(stack: Stack) -> None:
