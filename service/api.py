@@ -22,6 +22,7 @@ from .bodies import FILE_PART, read_images
 from .dataplane import DataPlane
 from .dependencies import Server
 from .disconnect import client_gone
+from .docs_assets import install_offline_docs
 from .errors import install_error_handlers
 from .grpc_launch import grpc_wanted, start_grpc
 from .metrics import Metrics
@@ -277,6 +278,7 @@ def create_app(
         default_response_class=JSONResponse,
     )
     app.state.server = server
+    install_offline_docs(app)  # Swagger UI and ReDoc from this install, not a CDN
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(oip_router)
