@@ -7,7 +7,7 @@ WEIGHTS ?= weights
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve export test test-docker lint bench bench-resnet50 bench-precision bench-decode \
+.PHONY: venv serve export test test-docker test-swarm lint bench bench-resnet50 bench-precision bench-decode \
 	bench-ablations \
 	reliability gpu-check clean
 
@@ -41,6 +41,11 @@ test: lint
 # images built from this Dockerfile with no registry, `docker compose up`, checks from the host.
 test-docker: venv
 	PYTHON=$(BIN)/python tests/container/run.sh
+
+# Only the Swarm stack (docker-compose.swarm.yml) of test-docker: single-node swarm, balancer,
+# replicas, kill, rolling update, scaling, stack rm and swarm leave.
+test-swarm: venv
+	PYTHON=$(BIN)/python tests/container/run.sh swarm
 
 # The README's figures: latency per depth (paper preset, PyTorch side by side), then ResNet-50
 # fp32 and `--precision auto` (the fastest gated precision on this host) in process (JPEG

@@ -333,6 +333,71 @@ def ready(url: str) -> bool:
         return False
 
 
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
+    "--disable-sync",
+    "--no-first-run",
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",  # no name resolves
+]
+
+
+def test_docs_render_offline_in_headless_chromium_and_try_it_out_finds_the_cat(
+    stack: Stack,
+) -> None:
+    """Debian's Chromium (installed by tests/container/run.sh), driven by Playwright, with every
+    request that leaves 127.0.0.1 refused and recorded: Swagger UI renders from the image's own
+    assets, "Try it out" on /classify with a CIFAR-10 cat answers `cat`, and ReDoc renders."""
+    from urllib.parse import urlsplit
+
+    from playwright.sync_api import Route, sync_playwright
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(chromium).exists(), "no chromium: tests/container/run.sh installs Debian's"
+    cat = SAMPLES / "cat_domestic_cat_s_000907.png"
+    outside: list[str] = []
+
+    def local_only(route: Route) -> None:
+        if urlsplit(route.request.url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    start = time.monotonic()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 1400})
+        context.route("**/*", local_only)
+        page = context.new_page()
+        page.goto(f"{stack.url}/docs")
+        page.wait_for_selector(".swagger-ui .information-container .title", timeout=30_000)
+        assert "resnet-serve" in page.inner_text(".swagger-ui .information-container .title")
+        path = page.locator(".opblock-summary-path[data-path='/classify']")
+        path.click()
+        operation = page.locator(".opblock", has=path)
+        operation.locator("button.try-out__btn").click()
+        operation.locator("input[placeholder='model']").fill(MODEL)
+        operation.locator("input[placeholder='top_k']").fill("1")
+        operation.locator("input[type='file']").set_input_files(require(cat))
+        operation.locator("button.execute").click()
+        answer = operation.locator(".live-responses-table .response-col_description pre").first
+        answer.wait_for(timeout=30_000)
+        body = json.loads(answer.inner_text())
+        answer.scroll_into_view_if_needed()
+        shot = Path(os.environ.get("STATE_DIR", ROOT / ".docker-ci")) / "docs-try-it-out.png"
+        page.screenshot(path=shot)
+        page.goto(f"{stack.url}/redoc")
+        page.get_by_text("Top-k classes per image").first.wait_for(timeout=30_000)
+        browser.close()
+    phase(f"headless Chromium: /docs, Try it out, /redoc ({shot})", time.monotonic() - start)
+    assert body["predictions"][0][0]["label"] == "cat", body
+    assert outside == [], f"the docs pages asked for the network: {outside}"
+
+
 def test_a_crash_under_load_is_restarted_by_the_restart_policy(stack: Stack) -> None:
     """SIGKILL to the service's process from the host, as a crash would (`docker kill` would
     mark the container manually stopped, and `unless-stopped` would then never restart it)."""
