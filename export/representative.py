@@ -114,7 +114,7 @@ def select(spec: ArchSpec, directory: Path, staging: Path) -> Selection | None:
             target.mkdir(parents=True)
             for i, file in enumerate(files):
                 (target / f"{i:06d}{file.suffix.lower()}").symlink_to(file.resolve())
-        described = f"{len(files)} images of {directory}"
+        described = f"{len(files)} images in {directory}/"
         images, count = target, len(files)
     elif arrays and (labeled is not None or arrays[0].count >= MIN_IMAGES):
         chosen = next(s for s in arrays if labeled is None or s.path == labeled)

@@ -101,7 +101,7 @@ def test_suited_images_turn_the_export_into_precision_auto_under_the_model_name(
     assert (changed.precision, changed.name) == ("auto", "cifar_resnet20")
     assert changed.calibration_images == changed.gate_images
     assert changed.gate_labeled is None
-    assert "cifar_resnet20: --precision auto on 20 images of" in capsys.readouterr().out
+    assert "cifar_resnet20: --precision auto on 20 images in" in capsys.readouterr().out
     explicit = build_parser().parse_args(
         ["--preset", "cifar", "--out", str(tmp_path), "--precision", "int8"]
     )
