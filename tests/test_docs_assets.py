@@ -50,6 +50,8 @@ def test_docs_pages_load_every_asset_from_the_service(
     with httpx.Client(base_url=service.url, timeout=30) as client:
         html = client.get(page)
         assert html.status_code == 200
+        policy = html.headers["content-security-policy"]
+        assert "default-src 'self'" in policy and "img-src 'self' data:" in policy
         urls = referenced(html.text)
         assert not [u for u in urls if "//" in u], f"{page} names another host: {urls}"
         assert "fonts.googleapis" not in html.text and "cdn." not in html.text

@@ -359,6 +359,7 @@ def test_docs_render_offline_in_headless_chromium_and_try_it_out_finds_the_cat(
     assert Path(chromium).exists(), "no chromium: tests/container/run.sh installs Debian's"
     cat = SAMPLES / "cat_domestic_cat_s_000907.png"
     outside: list[str] = []
+    blocked: list[str] = []  # what the pages' Content-Security-Policy stopped in the browser
 
     def local_only(route: Route) -> None:
         if urlsplit(route.request.url).hostname == "127.0.0.1":
@@ -373,6 +374,7 @@ def test_docs_render_offline_in_headless_chromium_and_try_it_out_finds_the_cat(
         context = browser.new_context(viewport={"width": 1280, "height": 1400})
         context.route("**/*", local_only)
         page = context.new_page()
+        page.on("console", lambda m: blocked.append(m.text) if "Security Policy" in m.text else 0)
         page.goto(f"{stack.url}/docs")
         page.wait_for_selector(".swagger-ui .information-container .title", timeout=30_000)
         assert "resnet-serve" in page.inner_text(".swagger-ui .information-container .title")
@@ -394,6 +396,7 @@ def test_docs_render_offline_in_headless_chromium_and_try_it_out_finds_the_cat(
         page.get_by_text("Top-k classes per image").first.wait_for(timeout=30_000)
         browser.close()
     phase(f"headless Chromium: /docs, Try it out, /redoc ({shot})", time.monotonic() - start)
+    print(f"[container] blocked by the docs pages' Content-Security-Policy: {blocked}", flush=True)
     assert body["predictions"][0][0]["label"] == "cat", body
     assert outside == [], f"the docs pages asked for the network: {outside}"
 
