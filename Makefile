@@ -7,7 +7,7 @@ WEIGHTS ?= weights
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve export test test-docker test-swarm lint bench bench-resnet50 bench-precision bench-decode \
+.PHONY: venv serve export test test-docker test-swarm test-swarm-nodes lint bench bench-resnet50 bench-precision bench-decode \
 	bench-ablations \
 	reliability gpu-check clean
 
@@ -46,6 +46,11 @@ test-docker: venv
 # replicas, kill, rolling update, scaling, stack rm and swarm leave.
 test-swarm: venv
 	PYTHON=$(BIN)/python tests/container/run.sh swarm
+
+# Not in CI (about 2.5 min more): two more engines in network namespaces join this one's swarm;
+# replicas spread over the three nodes, one node drained under load (tests/container/nodes.sh).
+test-swarm-nodes: venv
+	PYTHON=$(BIN)/python tests/container/run.sh nodes
 
 # The README's figures: latency per depth (paper preset, PyTorch side by side), then ResNet-50
 # fp32 and `--precision auto` (the fastest gated precision on this host) in process (JPEG

@@ -65,6 +65,7 @@ def test_the_balancer_publishes_in_host_mode_on_the_overlay_network(
     assert set(ports) == {8000, 8001, 8404}
     assert {p["mode"] for p in ports.values()} == {"host"}, "the routing mesh needs IPVS"
     assert list(balancer["networks"]) == ["backend"]
+    assert balancer["deploy"]["placement"]["constraints"] == ["node.role == manager"]
 
 
 def haproxy() -> dict[str, list[str]]:

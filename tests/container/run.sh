@@ -8,7 +8,8 @@
 #      crash, stop, down -v; the stack with calibration images), then the Swarm stack
 #      (test_swarm.py: balancer, replicas, kill, rolling update, scaling, stack rm, swarm leave)
 #   4. engine.sh stop     only the daemon step 1 started, by its PID
-# `run.sh swarm` (make test-swarm) runs only the Swarm tests of step 3. Debian's chromium is
+# `run.sh swarm` (make test-swarm) runs only the Swarm tests of step 3; `run.sh nodes` (make
+# test-swarm-nodes, not in CI) a swarm of three engines instead (test_swarm_nodes.py). Debian's chromium is
 # installed (when missing) while the images build. Each phase's time is printed. Fails (never
 # skips) when a step cannot run.
 set -euo pipefail
@@ -27,7 +28,7 @@ timed() {
 }
 
 only=${1:-all}
-case "$only" in all|swarm) ;; *) echo "usage: $0 [swarm]" >&2; exit 2 ;; esac
+case "$only" in all|swarm|nodes) ;; *) echo "usage: $0 [swarm|nodes]" >&2; exit 2 ;; esac
 
 trap 'tests/container/engine.sh stop' EXIT
 timed "engine (install, start, compose v2)" tests/container/engine.sh start
@@ -63,6 +64,11 @@ if [ "$only" = all ]; then
     deselect=()
     [ "${SKIP_GPU_IMAGE:-0}" = 1 ] && deselect=(--deselect "tests/container/test_stack.py::test_the_gpu_image_without_a_gpu_refuses_to_start_in_one_line")
     timed "container tests (compose)" "${pytest[@]}" tests/container \
-        --ignore tests/container/test_swarm.py "${deselect[@]}"
+        --ignore tests/container/test_swarm.py --ignore tests/container/test_swarm_nodes.py \
+        "${deselect[@]}"
 fi
-timed "swarm tests" "${pytest[@]}" tests/container/test_swarm.py
+if [ "$only" = nodes ]; then
+    timed "swarm tests, 3 nodes" "${pytest[@]}" tests/container/test_swarm_nodes.py
+else
+    timed "swarm tests" "${pytest[@]}" tests/container/test_swarm.py
+fi

@@ -106,16 +106,9 @@ def swarm() -> Iterator[Swarm]:
     state = run(docker(), "info", "--format", "{{.Swarm.LocalNodeState}}").strip()
     assert state == "inactive", f"this engine is already in a swarm ({state}): not ours to leave"
     before = snapshot()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESNET_SERVE_", "EXPORT_"))}
-    empty = os.path.join(os.environ.get("STATE_DIR", str(ROOT / ".docker-ci")), "calibration-empty")
-    os.makedirs(empty, exist_ok=True)
+    env = image_env()
     port, grpc_port, stats_port = free_port(), free_port(), free_port()
     env.update(
-        DEBIAN_IMAGE=os.environ.get("PYTHON_IMAGE", "resnet-serve-base:bookworm"),
-        BUILD_NETWORK="host",
-        EXPORT_ARCHS=MODEL,
-        EXPORT_PRETRAINED="never",
-        CALIBRATION_DIR=empty,
         MODELS_TAG="ci-1",
         API_REPLICAS=str(REPLICAS),
         BALANCER_PORT=str(port),
@@ -127,13 +120,7 @@ def swarm() -> Iterator[Swarm]:
     start = time.monotonic()
     run(docker(), "swarm", "init", "--advertise-addr", "127.0.0.1")
     try:
-        files = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"]
-        files += ["-f", "docker-compose.swarm.yml"]
-        run(docker(), "compose", *files, "build", "balancer", env=env)
-        models = str(ROOT / "docker" / "models-image.sh")
-        run(models, "--tag", "ci-1", env=env)
-        run(models, "--tag", "ci-2", "--from", "resnet-serve-models:ci-1", "--",
-            "--max-batch-size", "16", env=env)  # fmt: skip
+        build_images(env)
         built = time.monotonic()
         phase("swarm init, balancer image, models images ci-1 and ci-2", built - start)
         swarm.stack("deploy")
@@ -148,6 +135,35 @@ def swarm() -> Iterator[Swarm]:
             subprocess.run([docker(), "swarm", "leave", "--force"], timeout=60)
             if "docker_gwbridge" not in before["network"]:  # made by `swarm init`
                 subprocess.run([docker(), "network", "rm", "docker_gwbridge"], timeout=60)
+
+
+def build_images(env: dict[str, str]) -> None:
+    """The balancer (Debian's HAProxy) and two models images: ResNet-20 at version 1 (ci-1),
+    then versions 1 and 2 (ci-2, exported with another batch limit) for the rolling update."""
+    files = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"]
+    files += ["-f", "docker-compose.swarm.yml"]
+    run(docker(), "compose", *files, "build", "balancer", env=env)
+    models = str(ROOT / "docker" / "models-image.sh")
+    run(models, "--tag", "ci-1", env=env)
+    run(models, "--tag", "ci-2", "--from", "resnet-serve-models:ci-1", "--",
+        "--max-batch-size", "16", env=env)  # fmt: skip
+
+
+def image_env() -> dict[str, str]:
+    """What building the swarm images needs: the air-gapped base, the host network, and the
+    shipped ResNet-20 only, with no calibration images and no download."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RESNET_SERVE_", "EXPORT_"))}
+    state = os.environ.get("STATE_DIR", str(ROOT / ".docker-ci"))
+    empty = os.path.join(state, "calibration-empty")
+    os.makedirs(empty, exist_ok=True)
+    env.update(
+        DEBIAN_IMAGE=os.environ.get("PYTHON_IMAGE", "resnet-serve-base:bookworm"),
+        BUILD_NETWORK="host",
+        EXPORT_ARCHS=MODEL,
+        EXPORT_PRETRAINED="never",
+        CALIBRATION_DIR=empty,
+    )
+    return env
 
 
 @dataclass
