@@ -7,7 +7,7 @@ WEIGHTS ?= weights
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve export test test-docker lint bench bench-resnet50 bench-precision bench-decode \
+.PHONY: venv serve export test test-docker test-swarm test-swarm-nodes lint bench bench-resnet50 bench-precision bench-decode \
 	bench-ablations \
 	reliability gpu-check clean
 
@@ -20,9 +20,12 @@ $(BIN)/activate: pyproject.toml
 venv: $(BIN)/activate
 
 # Export the paper set (checkpoints from $(WEIGHTS)/ where present, random weights otherwise;
-# versions already present with the same weights are skipped), then serve it.
+# versions already present with the same weights are skipped), then serve it. Models that the
+# images in $(CALIBRATION)/ suit (a few hundred like your traffic) get --precision auto.
+CALIBRATION ?= calibration
 export: venv
-	$(BIN)/python -m export --preset paper --weights-dir $(WEIGHTS) --out $(REPO)
+	$(BIN)/python -m export --preset paper --weights-dir $(WEIGHTS) --out $(REPO) \
+		--calibration-dir $(CALIBRATION)
 
 serve: export
 	$(BIN)/python -m service --model-repository $(REPO) --host $(HOST) --port $(PORT)
@@ -41,6 +44,16 @@ test: lint
 # images built from this Dockerfile with no registry, `docker compose up`, checks from the host.
 test-docker: venv
 	PYTHON=$(BIN)/python tests/container/run.sh
+
+# Only the Swarm stack (docker-compose.swarm.yml) of test-docker: single-node swarm, balancer,
+# replicas, kill, rolling update, scaling, stack rm and swarm leave.
+test-swarm: venv
+	PYTHON=$(BIN)/python tests/container/run.sh swarm
+
+# Not in CI (about 2.5 min more): two more engines in network namespaces join this one's swarm;
+# replicas spread over the three nodes, one node drained under load (tests/container/nodes.sh).
+test-swarm-nodes: venv
+	PYTHON=$(BIN)/python tests/container/run.sh nodes
 
 # The README's figures: latency per depth (paper preset, PyTorch side by side), then ResNet-50
 # fp32 and `--precision auto` (the fastest gated precision on this host) in process (JPEG

@@ -11,6 +11,9 @@
 #                                checkpoint is found (see python -m export --help)
 # EXPORT_PRETRAINED_MIRROR       optional URL of a directory holding the official weight files
 # EXPORT_SEED                    seed of random weights and parity inputs (default: 0)
+# EXPORT_CALIBRATION_DIR         representative images, a few hundred like your traffic (compose:
+#                                ./calibration): models they suit are exported with
+#                                --precision auto, gated and calibrated on them (default: none)
 # PYTHON                         interpreter (default: python)
 # Arguments are passed on to `python -m export` (for example -v for tracebacks).
 #
@@ -28,6 +31,9 @@ if [ -n "${EXPORT_ARCHS:-}" ]; then
     set -- --archs "$EXPORT_ARCHS" "$@"
 else
     set -- --preset "${EXPORT_PRESET:-paper}" "$@"
+fi
+if [ -n "${EXPORT_CALIBRATION_DIR:-}" ]; then
+    set -- --calibration-dir "$EXPORT_CALIBRATION_DIR" "$@"
 fi
 if [ -n "${EXPORT_PRETRAINED_MIRROR:-}" ]; then
     set -- --pretrained-mirror "$EXPORT_PRETRAINED_MIRROR" "$@"

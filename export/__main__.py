@@ -21,6 +21,7 @@ from models.registry import PAPER_SET, get_spec
 
 from .exporter import DEFAULT_MAX_BATCH_SIZE, PRECISION_CHOICES, ExportRequest, export_model
 from .parity import Tolerances
+from .representative import HINT, arguments_for
 from .weights import Pretrained, resolve_weights
 
 PRESETS = {
@@ -142,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
         "published location, e.g. an internal mirror",
     )
     parser.add_argument(
+        "--calibration-dir",
+        type=Path,
+        help=f"with --preset/--archs: {HINT} (image files, or an .npz of uint8 images, labeled "
+        "or not); every model whose input they suit is exported with --precision auto, gated and "
+        "calibrated on them, under its own name; the others stay fp32 with one line saying what "
+        "this host offers",
+    )
+    parser.add_argument(
         "--skip-existing",
         action="store_true",
         help="do nothing if the latest version already has the same weights (implied by --preset)",
@@ -160,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--preset/--archs export a set: leave out ARCH, --weights, --name, --version")
     if not (args.preset or args.archs or args.arch):
         parser.error("give ARCH (with or without --weights), --preset or --archs")
+    if args.calibration_dir is not None and not (args.preset or args.archs):
+        parser.error("--calibration-dir goes with --preset or --archs")
+    if args.calibration_dir is not None and not args.calibration_dir.is_dir():
+        parser.error(f"--calibration-dir {args.calibration_dir} is not a directory")
     try:
         if args.preset or args.archs:
             archs = PRESETS[args.preset] if args.preset else _split(args.archs)
@@ -297,7 +310,7 @@ def run_set(args: argparse.Namespace, archs: tuple[str, ...]) -> int:
         else:
             origin = f"checkpoint {weights}"
         print(f"{arch}: {origin}", flush=True)
-        run_one(args, arch, weights, skip=True)
+        run_one(arguments_for(args, spec), arch, weights, skip=True)
     return 0
 
 

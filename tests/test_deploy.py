@@ -100,6 +100,7 @@ def container_port(container: dict[str, Any], port: int | str) -> int:
 def test_manifests_exist_and_are_namespace_agnostic() -> None:
     kinds = sorted(doc["kind"] for _, doc in documents())
     assert kinds == [
+        "ConfigMap",
         "Deployment",
         "HorizontalPodAutoscaler",
         "InferenceService",
@@ -108,7 +109,8 @@ def test_manifests_exist_and_are_namespace_agnostic() -> None:
         "Service",
     ]
     for path, doc in documents():
-        assert {"apiVersion", "kind", "metadata", "spec"} <= doc.keys(), path
+        body = "data" if doc["kind"] == "ConfigMap" else "spec"
+        assert {"apiVersion", "kind", "metadata", body} <= doc.keys(), path
         assert doc["metadata"]["name"].startswith("resnet-serve"), path
         assert "namespace" not in doc["metadata"], f"{path}: pick the namespace with kubectl -n"
 
@@ -202,10 +204,46 @@ def test_hpa_scales_the_deployment() -> None:
     assert (target["apiVersion"], target["kind"]) == (deployment["apiVersion"], "Deployment")
     assert target["name"] == deployment["metadata"]["name"]
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["resource"]["name"] == "cpu"
+    pods, cpu = hpa["spec"]["metrics"]
+    assert pods["type"] == "Pods" and pods["pods"]["target"]["type"] == "AverageValue"
+    assert cpu["resource"]["name"] == "cpu"
     # Utilization is relative to the request, so the container must make one.
     assert serving_container(deployment)["resources"]["requests"]["cpu"]
+
+
+def test_hpa_custom_metric_is_served_by_a_prometheus_adapter_rule_on_a_real_metric() -> None:
+    """The HPA's Pods metric is one the service exports (service/metrics.py), and the
+    prometheus-adapter rule serves it per pod under that name."""
+    from service.core.metrics import Metrics
+
+    exported = {m.name for m in Metrics().registry.collect()}
+    (pods,) = [m for m in one("HorizontalPodAutoscaler")["spec"]["metrics"] if m["type"] == "Pods"]
+    wanted = pods["pods"]["metric"]["name"]
+    assert wanted in exported
+    rules = yaml.safe_load(one("ConfigMap")["data"]["config.yaml"])["rules"]
+    served = {rule["name"]["as"]: rule for rule in rules}
+    assert wanted in served
+    rule = served[wanted]
+    assert rule["seriesQuery"].startswith(wanted + "{")
+    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+    assert "by (<<.GroupBy>>)" in rule["metricsQuery"]
+    assert set(served) <= exported
+
+
+def test_the_inference_service_exposes_grpc_beside_http() -> None:
+    ports = serving_container(one("InferenceService"))["ports"]
+    assert [(p["name"], p["containerPort"]) for p in ports] == [("http1", 8000), ("grpc", 8001)]
+
+
+def test_the_export_job_reads_representative_images_from_its_calibration_volume() -> None:
+    job = one("Job")
+    (container,) = pod_spec(job)["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["calibration"]["readOnly"] is True
+    # relative to the image's working directory, /app (the Dockerfile's WORKDIR)
+    assert mounts["calibration"]["mountPath"] == "/app/" + env["EXPORT_CALIBRATION_DIR"]
+    assert "calibration" in {v["name"] for v in pod_spec(job)["volumes"]}
 
 
 def test_service_selects_the_deployment_pods() -> None:
@@ -222,12 +260,16 @@ def test_service_selects_the_deployment_pods() -> None:
     assert container_port(serving_container(deployment), grpc["targetPort"]) == 8001
 
 
-def test_tokens_come_from_a_secret_never_from_a_value() -> None:
-    container = serving_container(one("Deployment"))
+@pytest.mark.parametrize("doc", servers(), ids=lambda doc: doc["kind"])
+def test_tokens_come_from_a_secret_never_from_a_value(doc: dict[str, Any]) -> None:
+    container = serving_container(doc)
     env = {e["name"]: e for e in container["env"]}
-    token = env[ENV_PREFIX + "INFERENCE_TOKEN"]
-    assert "value" not in token
-    assert token["valueFrom"]["secretKeyRef"]["name"] == "resnet-serve-tokens"
+    for kind in ("inference", "management"):
+        token = env[f"{ENV_PREFIX}{kind.upper()}_TOKEN"]
+        assert "value" not in token
+        secret = token["valueFrom"]["secretKeyRef"]
+        assert (secret["name"], secret["key"]) == ("resnet-serve-tokens", f"{kind}_token")
+        assert secret["optional"] is True  # without the Secret the API stays open
     for path, doc in documents():
         for spec in [pod_spec(doc)] if doc["kind"] in {"Deployment", "Job"} else []:
             for c in spec["containers"]:

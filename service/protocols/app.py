@@ -27,6 +27,7 @@ from ..core.registry import ModelRegistry
 from ..core.settings import Settings
 from ..core.tracing import Tracing
 from .auth import AccessPolicy, BearerAuth
+from .docs_assets import install_offline_docs
 from .http import router
 from .http_errors import install_error_handlers
 from .http_tracing import TracingMiddleware
@@ -88,6 +89,7 @@ def create_app(
     )
     app.state.plane, app.state.access, app.state.tracing = plane, access, tracing
     app.state.model_control, app.state.grpc_port = control, None
+    install_offline_docs(app)  # Swagger UI and ReDoc from this install, not a CDN
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(oip_router)

@@ -34,6 +34,7 @@ _OPEN = frozenset(
     {"/healthz", "/readyz", OIP_PREFIX + "/health/live", OIP_PREFIX + "/health/ready"}
 )
 _DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+DOCS_ASSETS = "/docs/assets/"  # Swagger UI's and ReDoc's files (docs_assets.py)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class AccessPolicy:
             return "management"
         if path == "/metrics":
             return "observe" if self.protect_metrics else "open"
-        if path in _DOCS:
+        if path in _DOCS or path.startswith(DOCS_ASSETS):
             return "observe" if self.protect_docs else "open"
         return "inference"
 

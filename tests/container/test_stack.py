@@ -66,13 +66,14 @@ class Stack:
     port: int
     grpc_port: int
     env: dict[str, str]
+    project: str = PROJECT
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def compose(self, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
-        command = [docker(), "compose", "-p", PROJECT, "-f", "docker-compose.yml"]
+        command = [docker(), "compose", "-p", self.project, "-f", "docker-compose.yml"]
         command += ["-f", "docker-compose.cpu.yml", *args]
         result = subprocess.run(
             command, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout_s
@@ -102,7 +103,7 @@ class Stack:
         return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
 
     def leftovers(self) -> dict[str, list[str]]:
-        label = f"label=com.docker.compose.project={PROJECT}"
+        label = f"label=com.docker.compose.project={self.project}"
         found = {}
         for kind in ("container", "volume", "network"):
             command = [docker(), kind, "ls", "-q", "--filter", label]
@@ -118,6 +119,8 @@ class Stack:
 def stack() -> Iterator[Stack]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RESNET_SERVE_", "EXPORT_"))}
     port, grpc_port = free_port(), free_port()
+    empty = Path(os.environ.get("STATE_DIR", ROOT / ".docker-ci")) / "calibration-empty"
+    empty.mkdir(parents=True, exist_ok=True)  # no representative images: fp32, and one line
     env.update(
         COMPOSE_PROJECT_NAME=PROJECT,
         API_BIND="127.0.0.1",
@@ -125,6 +128,7 @@ def stack() -> Iterator[Stack]:
         API_GRPC_PORTS=str(grpc_port),
         EXPORT_ARCHS=MODEL,
         EXPORT_PRETRAINED="never",
+        CALIBRATION_DIR=str(empty),
         RESNET_SERVE_MAX_QUEUE_IMAGES="4096",
     )
     stack = Stack(port, grpc_port, env)
@@ -159,6 +163,19 @@ def test_ready_and_serving_the_shipped_trained_model(stack: Stack) -> None:
     assert model["name"] == MODEL
     assert model["metadata"]["weights"]["trained"] is True
     assert model["metadata"]["weights"]["source"].endswith("resnet20-12fca82f.th")
+
+
+def test_without_calibration_images_the_export_says_in_one_line_what_is_missing(
+    stack: Stack,
+) -> None:
+    logs = stack.compose("logs", "--no-color", "export").stdout.splitlines()
+    hints = [line for line in logs if "put a few hundred images like your traffic in" in line]
+    print(f"\n[container] without calibration images: {hints}", flush=True)
+    (hint,) = hints
+    assert f"{MODEL}: fp32 (no images in calibration/ suit its 32x32 input)" in hint
+    assert hint.rstrip().endswith("for the fastest precision that passes the gate")
+    model = httpx.get(f"{stack.url}/models/{MODEL}", timeout=10).json()["metadata"]
+    assert model["precision"] == "fp32" and model.get("precision_choice") is None
 
 
 def test_the_shipped_resnet20_classifies_2000_real_images_as_pytorch_does(stack: Stack) -> None:
@@ -314,6 +331,74 @@ def ready(url: str) -> bool:
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
+    "--disable-sync",
+    "--no-first-run",
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",  # no name resolves
+]
+
+
+def test_docs_render_offline_in_headless_chromium_and_try_it_out_finds_the_cat(
+    stack: Stack,
+) -> None:
+    """Debian's Chromium (installed by tests/container/run.sh), driven by Playwright, with every
+    request that leaves 127.0.0.1 refused and recorded: Swagger UI renders from the image's own
+    assets, "Try it out" on /classify with a CIFAR-10 cat answers `cat`, and ReDoc renders."""
+    from urllib.parse import urlsplit
+
+    from playwright.sync_api import Route, sync_playwright
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(chromium).exists(), "no chromium: tests/container/run.sh installs Debian's"
+    cat = SAMPLES / "cat_domestic_cat_s_000907.png"
+    outside: list[str] = []
+    blocked: list[str] = []  # what the pages' Content-Security-Policy stopped in the browser
+
+    def local_only(route: Route) -> None:
+        if urlsplit(route.request.url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    start = time.monotonic()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 1400})
+        context.route("**/*", local_only)
+        page = context.new_page()
+        page.on("console", lambda m: blocked.append(m.text) if "Security Policy" in m.text else 0)
+        page.goto(f"{stack.url}/docs")
+        page.wait_for_selector(".swagger-ui .information-container .title", timeout=30_000)
+        assert "resnet-serve" in page.inner_text(".swagger-ui .information-container .title")
+        path = page.locator(".opblock-summary-path[data-path='/classify']")
+        path.click()
+        operation = page.locator(".opblock", has=path)
+        operation.locator("button.try-out__btn").click()
+        operation.locator("input[placeholder='model']").fill(MODEL)
+        operation.locator("input[placeholder='top_k']").fill("1")
+        operation.locator("input[type='file']").set_input_files(require(cat))
+        operation.locator("button.execute").click()
+        answer = operation.locator(".live-responses-table .response-col_description pre").first
+        answer.wait_for(timeout=30_000)
+        body = json.loads(answer.inner_text())
+        answer.scroll_into_view_if_needed()
+        shot = Path(os.environ.get("STATE_DIR", ROOT / ".docker-ci")) / "docs-try-it-out.png"
+        page.screenshot(path=shot)
+        page.goto(f"{stack.url}/redoc")
+        page.get_by_text("Top-k classes per image").first.wait_for(timeout=30_000)
+        browser.close()
+    phase(f"headless Chromium: /docs, Try it out, /redoc ({shot})", time.monotonic() - start)
+    print(f"[container] blocked by the docs pages' Content-Security-Policy: {blocked}", flush=True)
+    assert body["predictions"][0][0]["label"] == "cat", body
+    assert outside == [], f"the docs pages asked for the network: {outside}"
 
 
 def test_a_crash_under_load_is_restarted_by_the_restart_policy(stack: Stack) -> None:
