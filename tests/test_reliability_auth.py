@@ -1,6 +1,6 @@
 """The hostile-input suites again, with an inference token set and none sent: every answer is a
-401 (or the protocol error h11 gives before any route), never a 5xx or a 200, and the metrics
-show that not one request reached decoding or the batcher."""
+401 (or the protocol error the HTTP parser gives before any route), never a 5xx or a 200, and
+the metrics show that not one request reached decoding or the batcher."""
 
 from __future__ import annotations
 

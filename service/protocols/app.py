@@ -28,6 +28,7 @@ from ..core.settings import Settings
 from ..core.tracing import Tracing
 from .auth import AccessPolicy, BearerAuth
 from .docs_assets import install_offline_docs
+from .fast_lane import FastLane, ServiceApp
 from .http import router
 from .http_errors import install_error_handlers
 from .http_tracing import TracingMiddleware
@@ -79,7 +80,7 @@ def create_app(
             await plane.stop()
             await tracing.shutdown()
 
-    app = FastAPI(
+    app = ServiceApp(
         title="resnet-serve",
         version=_version(),
         description="ResNet image classification and embeddings, served from ONNX graphs "
@@ -87,6 +88,7 @@ def create_app(
         lifespan=lifespan,
         default_response_class=JSONResponse,
     )
+    app.fast_lane = FastLane(plane, access, tracing)  # the hot routes, before FastAPI's stack
     app.state.plane, app.state.access, app.state.tracing = plane, access, tracing
     app.state.model_control, app.state.grpc_port = control, None
     install_offline_docs(app)  # Swagger UI and ReDoc from this install, not a CDN

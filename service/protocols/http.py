@@ -100,6 +100,13 @@ async def classify(
         Query(ge=1, description="classes per image, highest first (default: 5, or all if fewer)"),
     ] = None,
 ) -> Response:
+    return await classify_answer(request, plane, model, top_k)
+
+
+async def classify_answer(
+    request: Request, plane: DataPlane, model: str | None, top_k: int | None
+) -> Response:
+    """/classify's answer (the fast lane, service/protocols/fast_lane.py, serves it too)."""
     async with plane.request(model, "classify", disconnected=client_gone(request)) as call:
         k = call.top_k(top_k)
         async with _images(request, plane) as blobs:
@@ -128,6 +135,13 @@ async def embed(
     model: ModelParam = None,
     normalize: Annotated[bool, Query(description="scale each embedding to unit L2 norm")] = False,
 ) -> Response:
+    return await embed_answer(request, plane, model, normalize)
+
+
+async def embed_answer(
+    request: Request, plane: DataPlane, model: str | None, normalize: bool
+) -> Response:
+    """/embed's answer (the fast lane, service/protocols/fast_lane.py, serves it too)."""
     gone = client_gone(request)
     async with (
         plane.request(model, "embed", disconnected=gone) as call,

@@ -63,11 +63,22 @@ def _log(request: Request, status: int, code: str, message: str, exc: BaseExcept
         log.info("%s -> %d %s: %s", where, status, code, message)
 
 
+def service_error_answer(request: Request, exc: ServiceError) -> Response:
+    """The answer to a request that ended in `exc`, logged."""
+    _log(request, exc.status, exc.code, exc.message, exc)
+    return error_response(request, exc.status, exc.code, exc.message, exc.headers)
+
+
+def unexpected_error_answer(request: Request, exc: Exception) -> Response:
+    """500, with the exception logged and its text kept out of the answer."""
+    _log(request, 500, ServiceError.code, capped(str(exc)), exc)
+    return error_response(request, 500, ServiceError.code, "internal server error")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
-        _log(request, exc.status, exc.code, exc.message, exc)
-        return error_response(request, exc.status, exc.code, exc.message, exc.headers)
+        return service_error_answer(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -89,5 +100,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> Response:
-        _log(request, 500, ServiceError.code, capped(str(exc)), exc)
-        return error_response(request, 500, ServiceError.code, "internal server error")
+        return unexpected_error_answer(request, exc)

@@ -1,12 +1,14 @@
-"""The HTTP server around the app: uvicorn with a bounded request head (size and time), a cap on
-connections, and a drain on SIGTERM.
+"""The HTTP server around the app: uvicorn on uvloop with httptools' parser, a bounded request
+head (size and time), a cap on connections, and a drain on SIGTERM.
 
-- h11 refuses a request head that grows past 16 KiB (httptools, uvicorn's pick when present,
-  buffers a header line without limit: one connection sending a 256 MiB header took 320 MB of
-  RSS, docs/reliability.md).
+- httptools (llhttp, C) and uvloop (libuv, C) take about a quarter off the event loop's time per
+  request against h11 and asyncio's own loop (README "The serving tax"). httptools alone buffers
+  a header line without limit (one connection sending a 256 MiB header took 320 MB of RSS,
+  docs/reliability.md): `BoundedHttpToolsProtocol` answers 431 and closes a connection whose
+  incomplete request head passes 16 KiB, as h11 does.
 - uvicorn arms no timer until a connection's first response, so a head that never completes
-  would hold its connection forever: `BoundedH11Protocol` closes a connection whose request head
-  is not complete `request_head_timeout_ms` after it opened (or after its last response).
+  would hold its connection forever: the protocol closes a connection whose request head is not
+  complete `request_head_timeout_ms` after it opened (or after its last response).
 - `max_connections` (uvicorn's `limit_concurrency`): past it, new requests get 503.
 - `DrainingServer`: on the first SIGTERM /readyz turns 503; after `drain_delay_ms` the listener
   closes and accepted requests finish.
@@ -21,7 +23,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..core.registry import ModelRegistry
 from ..core.settings import Settings
@@ -29,28 +31,52 @@ from ..core.settings import Settings
 ACCEPTED_GRACE_S = 0.25
 
 
-class BoundedH11Protocol(H11Protocol):
-    """h11 with a deadline on every request head."""
+MAX_HEAD_BYTES = 16 * 1024  # what h11 allows an incomplete request head
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """httptools with a size and a deadline on every request head."""
 
     head_timeout_s = 10.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # received while the head was incomplete, before this read
+        self._in_head = True
         super().connection_made(transport)
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+            return  # refused already; the connection is closing
         super().data_received(data)
-        if self.cycle is not None and not self.cycle.response_complete:
-            self._head_received()  # a request is in progress: its head is complete
+        if self._in_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._head_bytes = False, 0
+        self._head_received()
+        super().on_headers_complete()
 
     def on_response_complete(self) -> None:
+        self._in_head, self._head_bytes = True, 0
         super().on_response_complete()
         self._await_head()  # the next request's head (keep-alive)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_received()
         super().connection_lost(exc)
+
+    def _refuse_head(self) -> None:
+        body = b"Request head over 16 KiB"
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
+            + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+            + body
+        )
+        self.transport.close()
 
     def _await_head(self) -> None:
         if self._head_timer is None and not self.transport.is_closing():
@@ -63,14 +89,14 @@ class BoundedH11Protocol(H11Protocol):
 
     def _head_overdue(self) -> None:
         self._head_timer = None
-        if self.cycle is None or self.cycle.response_complete:
+        if self._in_head:
             self.transport.close()
 
 
 def http_config(app: Any, settings: Settings) -> uvicorn.Config:
     protocol = type(
-        "BoundedH11Protocol",
-        (BoundedH11Protocol,),
+        "BoundedHttpToolsProtocol",
+        (BoundedHttpToolsProtocol,),
         {"head_timeout_s": settings.request_head_timeout_ms / 1000.0},
     )
     return uvicorn.Config(
@@ -81,6 +107,7 @@ def http_config(app: Any, settings: Settings) -> uvicorn.Config:
         log_level=settings.log_level,
         access_log=settings.access_log,
         http=protocol,
+        loop="uvloop",
         limit_concurrency=settings.max_connections,
         # Every accepted request ends by its own timeout; this only bounds a stuck shutdown.
         timeout_graceful_shutdown=settings.request_timeout_ms / 1000.0 + 5.0,

@@ -141,14 +141,14 @@ async def get_model_version_metadata(name: str, version: str, plane: Plane) -> R
 
 @router.post("/models/{name}/infer", responses=_ERRORS, openapi_extra=_INFER_BODY)
 async def infer(request: Request, name: str, plane: Plane) -> Response:
-    return await _infer(request, plane, name, None)
+    return await infer_answer(request, plane, name, None)
 
 
 @router.post(
     "/models/{name}/versions/{version}/infer", responses=_ERRORS, openapi_extra=_INFER_BODY
 )
 async def infer_version(request: Request, name: str, version: str, plane: Plane) -> Response:
-    return await _infer(request, plane, name, version)
+    return await infer_answer(request, plane, name, version)
 
 
 def _find(plane: DataPlane, name: str, version: str | None) -> ServedModel:
@@ -163,7 +163,10 @@ def _model_ready(plane: DataPlane, name: str, version: str | None) -> Response:
     return Response(status_code=200 if model.state == "ready" else 400)
 
 
-async def _infer(request: Request, plane: DataPlane, name: str, version: str | None) -> Response:
+async def infer_answer(
+    request: Request, plane: DataPlane, name: str, version: str | None
+) -> Response:
+    """An inference answer (the fast lane, service/protocols/fast_lane.py, serves it too)."""
     settings = plane.settings
     async with plane.request(name, "v2_infer", disconnected=client_gone(request)) as call:
         entry = check_version(call.model, version).entry
