@@ -133,7 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start `python -m service` on --repository on a free local port, stop it after",
     )
-    http.add_argument("--repository", type=Path, help="model repository for --start-service")
+    http.add_argument(
+        "--repository",
+        type=Path,
+        help="model repository for --start-service; with --url, where the served model is read "
+        "from to measure its inference CPU (the tax columns)",
+    )
+    http.add_argument(
+        "--service-pid",
+        type=int,
+        help="with --url: the server's process id, whose CPU (and its children's) is sampled per "
+        "level for the tax columns (a service started here is sampled anyway)",
+    )
+    http.add_argument(
+        "--service-args",
+        type=shlex.split,
+        default=[],
+        help="--start-service: extra flags for `python -m service`, one quoted string, e.g. "
+        "--service-args='--workers 2'",
+    )
     http.add_argument("--model", help="model name (default: the service's only model)")
     http.add_argument("--endpoint", choices=["classify", "embed"], default="classify")
     http.add_argument("--images", type=Path, required=True, help="directory of real images")
@@ -401,6 +419,9 @@ def run_http_mode(args: argparse.Namespace, command: str) -> dict[str, Any]:
         grpc_url=args.grpc_url,
         service_cpus=service_cpus,
         client_cpus=client_cpus,
+        service_args=tuple(args.service_args),
+        service_pid=args.service_pid,
+        repository=args.repository,
     )
     section = run_http(options, args.out, args.engine_results)
     section["command"] = command

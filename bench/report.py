@@ -107,6 +107,13 @@ def engine_table(engine: dict[str, Any]) -> str:
 def http_table(levels: list[dict[str, Any]], key: str, label: str) -> str:
     head = [label, "requests", "images/request", "images/s", "p50 ms", "p90 ms", "p99 ms"]
     head += ["errors", "statuses", "wall s", "client CPU s", "mean batch", "inference ms/image"]
+    taxed = any("tax" in lv for lv in levels)
+    if taxed:
+        head += [
+            "server CPU ms/request",
+            "inference CPU ms/request",
+            "outside inference ms/request",
+        ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lv in levels:
         lat, service = lv["latency"], lv.get("service") or {}
@@ -126,6 +133,13 @@ def http_table(levels: list[dict[str, Any]], key: str, label: str) -> str:
             _num(service.get("mean_batch")),
             _num(service.get("inference_ms_per_image")),
         ]
+        if taxed:
+            tax = lv.get("tax") or {}
+            cells += [
+                _num(tax.get("server_cpu_ms_per_request"), 3),
+                _num(tax.get("inference_cpu_ms_per_request"), 3),
+                _num(tax.get("outside_inference_cpu_ms_per_request"), 3),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -198,6 +212,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         if http.get("open"):
             parts += ["Open loop (latency from each request's scheduled start):", ""]
             parts += [http_table(http["open"], "rate_per_s", "offered requests/s"), ""]
+        parts += _tax_lines(http.get("tax"))
         vs = http.get("vs_engine")
         if vs:
             parts += [
@@ -215,6 +230,28 @@ def render_markdown(results: dict[str, Any]) -> str:
                     "",
                 ]
     return "\n".join(parts)
+
+
+def _tax_lines(tax: dict[str, Any] | None) -> list[str]:
+    """How the tax columns were measured, and the c=1 latency added over the engine."""
+    if not tax:
+        return []
+    lines = [
+        "Server CPU per request: utime + stime of the server process and its children (all "
+        "threads, /proc/PID/stat) over the level, divided by its requests.",
+        "",
+    ]
+    engine = tax.get("engine")
+    if engine:
+        lines += [f"Inference CPU per request: {engine['method']}.", ""]
+    if tax.get("c1_added_ms") is not None:
+        lines += [
+            f"c=1 latency added over the engine: HTTP p50 minus the engine's batch-"
+            f"{tax['engine_batch']} p50 ({tax['engine_batch_p50_ms']:.2f} ms, same run) = "
+            f"{tax['c1_added_ms']:.2f} ms.",
+            "",
+        ]
+    return lines
 
 
 def _generator(http: dict[str, Any]) -> str:
