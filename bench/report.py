@@ -229,6 +229,62 @@ def render_markdown(results: dict[str, Any]) -> str:
                     f"{100 * vs['ratio_engine_only']:.0f}%.",
                     "",
                 ]
+    floor = results.get("floor")
+    if floor:
+        parts += ["## The Python floor: a minimal ASGI app under the service's HTTP server", ""]
+        parts += [f"Machine: {machine_line(floor['machine'])}.", ""]
+        parts += _warning(floor["machine"])
+        parts += [f"Command: `{floor.get('command', '')}`", ""]
+        parts += [
+            f"Server: {floor.get('server')}; {floor.get('images')} distinct images, "
+            f"{floor.get('body')}, load generator {_generator(floor)} on the same machine.",
+            "",
+            http_table(floor["closed"], "concurrency", "concurrency"),
+            "",
+        ]
+        parts += _tax_lines(floor.get("tax"))
+    if results.get("tax"):
+        parts += [tax_markdown(results["tax"]), ""]
+    return "\n".join(parts)
+
+
+def tax_markdown(tax: dict[str, Any]) -> str:
+    """`bench tax`: the measured rows, then the issue's ratios against their targets."""
+    parts = ["## The serving tax", ""]
+    parts += [f"Machine: {machine_line(tax['machine'])}.", ""] if "machine" in tax else []
+    parts += _warning(tax.get("machine", {}))
+    parts += [f"Command: `{tax.get('command', '')}` ({tax.get('runtime_s')} s)", ""]
+    engine = tax["engine"]
+    parts += [
+        f"CIFAR ResNet-20 alone (onnxruntime in process, the service's settings): batch 1 p50 "
+        f"{engine['batch1_p50_ms']:.2f} ms; best batch {engine['best_batch']}: "
+        f"{engine['best_images_per_s']:.0f} images/s.",
+        "",
+    ]
+    head = ["workload", "c", "requests/s", "images/s", "p50 ms", "p99 ms", "errors", "mean batch"]
+    head += ["server CPU ms/request", "outside inference ms/request"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in tax["rows"]:
+        cells = [
+            r["workload"],
+            str(r["concurrency"]),
+            _num(r["requests_per_s"]),
+            _num(r["images_per_s"]),
+            _num(r["p50_ms"], 2),
+            _num(r["p99_ms"], 2),
+            str(r["errors"]),
+            _num(r["mean_batch"]),
+            _num(r["server_cpu_ms_per_request"], 3),
+            _num(r["outside_inference_ms_per_request"], 3),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    parts += ["\n".join(lines), ""]
+    lines = ["| target | this run | target | met |", "|---|---|---|---|"]
+    for check in tax["targets"]:
+        met = {True: "yes", False: "no", None: "-"}[check["met"]]
+        lines.append(f"| {check['what']} | {_num(check['value'], 2)} | {check['target']} | {met} |")
+    parts += ["\n".join(lines), ""]
+    parts += [f"Note: {note}." for note in tax.get("notes", [])]
     return "\n".join(parts)
 
 
