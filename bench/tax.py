@@ -10,6 +10,7 @@ one after the other on the same cores, minutes apart, never taken from another r
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
@@ -190,7 +191,7 @@ def service_has_workers() -> bool:
     result = subprocess.run(
         [sys.executable, "-m", "service", "--help"], capture_output=True, text=True, timeout=120
     )
-    return "--workers" in result.stdout
+    return re.search(r"(?<![\w-])--workers(?![\w-])", result.stdout) is not None
 
 
 def _level(section: dict[str, Any], concurrency: int) -> dict[str, Any]:
