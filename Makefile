@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .PHONY: venv serve export test test-docker test-swarm test-swarm-nodes lint bench bench-resnet50 bench-precision bench-decode \
-	bench-ablations \
+	bench-ablations bench-tax \
 	reliability gpu-check clean
 
 $(BIN)/activate: pyproject.toml
@@ -65,7 +65,7 @@ PERF := bench-results/perf-repo
 bench: venv
 	$(BIN)/python -m bench engine --compare-torch --weights-dir $(WEIGHTS) --out bench-results
 	cp bench-results/latency_vs_depth.png docs/latency_vs_depth.png
-	$(MAKE) bench-resnet50 bench-precision bench-decode
+	$(MAKE) bench-resnet50 bench-precision bench-decode bench-tax
 
 bench-resnet50: venv
 	$(BIN)/python -m export resnet50 --weights random:0 --out $(PERF) --skip-existing
@@ -89,6 +89,14 @@ bench-precision: venv
 bench-decode: venv
 	$(BIN)/python -m bench decode --images $(PHOTOS) --size 500x375,2400x1600 --cifar-accuracy \
 		--cifar-labeled $(CIFAR_LABELED) --out bench-results/decode
+
+# README "The serving tax" (~1.5 min): in one run, the Python floor (a minimal ASGI app under the
+# service's HTTP server), CIFAR ResNet-20 alone, over HTTP and over gRPC, the nearly free model with
+# one and two front-end workers, and the issue's ratios.
+CIFAR_SAMPLES ?= ../shared/data/cifar10-test/samples
+bench-tax: venv
+	$(BIN)/python -m bench tax --images $(CIFAR_SAMPLES) --weights-dir $(WEIGHTS) \
+		--cache-repository bench-results/tax-repo --out bench-results/tax
 
 # ResNet-50 fp32, one setting changed at a time (README "ResNet-50 over HTTP", ~4 min): each
 # directory holds batch 1 in process and concurrency 32 over HTTP; `default` runs three times.

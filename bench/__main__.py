@@ -1,4 +1,5 @@
-"""`python -m bench engine|http|precision|decode|gpu`: exceptions become exit codes here only.
+"""`python -m bench engine|http|floor|free-model|tax|precision|decode|gpu`: exceptions become exit
+codes here only.
 
 0 when the results were written; 1 with a one-line reason otherwise; 2 for usage errors.
 """
@@ -133,7 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start `python -m service` on --repository on a free local port, stop it after",
     )
-    http.add_argument("--repository", type=Path, help="model repository for --start-service")
+    http.add_argument(
+        "--repository",
+        type=Path,
+        help="model repository for --start-service; with --url, where the served model is read "
+        "from to measure its inference CPU (the tax columns)",
+    )
+    http.add_argument(
+        "--service-pid",
+        type=int,
+        help="with --url: the server's process id, whose CPU (and its children's) is sampled per "
+        "level for the tax columns (a service started here is sampled anyway)",
+    )
+    http.add_argument(
+        "--service-args",
+        type=shlex.split,
+        default=[],
+        help="--start-service: extra flags for `python -m service`, one quoted string, e.g. "
+        "--service-args='--workers 2'",
+    )
     http.add_argument("--model", help="model name (default: the service's only model)")
     http.add_argument("--endpoint", choices=["classify", "embed"], default="classify")
     http.add_argument("--images", type=Path, required=True, help="directory of real images")
@@ -299,15 +318,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="time for the whole run; steps that would start past it are skipped (default: 570)",
     )
 
-    for mode in (engine, http, gpu):
+    from .tax import add_parsers
+
+    floor, tax = add_parsers(sub, int_list)
+    outs = {gpu: DEFAULT_OUT / "gpu", floor: DEFAULT_OUT / "floor", tax: DEFAULT_OUT / "tax"}
+    for mode in (engine, http, gpu, floor, tax):
         mode.add_argument(
             "--out",
             type=Path,
-            default=DEFAULT_OUT / "gpu" if mode is gpu else DEFAULT_OUT,
+            default=outs.get(mode, DEFAULT_OUT),
             help="output directory (default: %(default)s)",
         )
         mode.add_argument("-v", "--verbose", action="store_true", help="tracebacks on failure")
     return parser
+
+
+def run_floor(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    from .tax import run_floor as floor
+
+    return floor(args, command)
+
+
+def run_free_model(args: argparse.Namespace) -> int:
+    from .tax import run_free_model as free_model
+
+    return free_model(args)
 
 
 def run_engine_mode(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -401,6 +436,9 @@ def run_http_mode(args: argparse.Namespace, command: str) -> dict[str, Any]:
         grpc_url=args.grpc_url,
         service_cpus=service_cpus,
         client_cpus=client_cpus,
+        service_args=tuple(args.service_args),
+        service_pid=args.service_pid,
+        repository=args.repository,
     )
     section = run_http(options, args.out, args.engine_results)
     section["command"] = command
@@ -524,6 +562,22 @@ def finish(args: argparse.Namespace, section: dict[str, Any], load_at_start: flo
     print(f"\n{args.mode}: {section['runtime_s']:.0f} s; wrote {', '.join(written)}")
 
 
+def run_tax_mode(args: argparse.Namespace, command: str, load_at_start: float | None) -> int:
+    from . import report
+    from .machine import busy_note, machine_facts
+    from .tax import run_tax
+
+    section = run_tax(args, command)
+    machine = {**machine_facts(), "load_average_1m_at_start": load_at_start}
+    path = report.save_results(args.out, "tax", section, machine)
+    note = busy_note(machine)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
+    print(report.tax_markdown({**section, "machine": machine}))
+    print(f"\ntax: {section['runtime_s']:.0f} s; wrote {path}, {args.out / report.RESULTS_MD}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -533,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, Callable[[argparse.Namespace, str], dict[str, Any]]] = {
         "engine": run_engine_mode,
         "http": run_http_mode,
+        "floor": run_floor,
     }
     try:
         if args.mode == "gpu":
@@ -541,13 +596,17 @@ def main(argv: list[str] | None = None) -> int:
             return run_precision_mode(args, command, load_at_start)
         if args.mode == "decode":
             return run_decode_mode(args, command)
+        if args.mode == "free-model":
+            return run_free_model(args)
+        if args.mode == "tax":
+            return run_tax_mode(args, command, load_at_start)
         section = runners[args.mode](args, command)
         finish(args, section, load_at_start)
     except KeyboardInterrupt:
         print("bench interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the CLI boundary: one line, non-zero
-        if args.verbose:
+        if getattr(args, "verbose", False):
             traceback.print_exc()
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"bench {args.mode} failed: {message}", file=sys.stderr)

@@ -349,6 +349,10 @@ def http_levels(
         service_ready_timeout_s=240.0,
         service_cpus=service_cpus,
         client_cpus=client_cpus,
+        # The server's CPU per request is still sampled; the inference CPU beside it would open
+        # the model again on the GPU at new batch sizes (cuDNN's search), which the 10-minute
+        # budget of this check does not leave room for.
+        measure_inference=False,
     )
     with service_env({**base, **env}):
         section = run_http(http, out, None)

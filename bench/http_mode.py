@@ -25,6 +25,13 @@ from tests.support.load import (
     warm_up,
 )
 
+from .cpu import (
+    InferenceJob,
+    batch_sizes_for,
+    inference_cost,
+    inference_ms_per_image,
+    process_cpu_s,
+)
 from .machine import pinned
 from .report import load_results
 
@@ -59,23 +66,42 @@ class HttpOptions:
     # (None: both share every core), so that the client cannot starve the service's decoding.
     service_cpus: tuple[int, ...] | None = None
     client_cpus: tuple[int, ...] | None = None
+    # The tax: extra flags for a service started here, the process whose CPU is sampled per
+    # level (given, or the one started here), the repository its model is read from for the
+    # inference CPU (given, or the one started here), and whether to measure that at all.
+    service_args: tuple[str, ...] = ()
+    service_pid: int | None = None
+    repository: Path | None = None
+    measure_inference: bool = True
+
+
+@dataclass(frozen=True)
+class Running:
+    """What `target` yields: the base URL, the gRPC host:port and the server's process id."""
+
+    url: str
+    grpc: str | None
+    pid: int | None
 
 
 @contextlib.contextmanager
-def target(options: HttpOptions, out: Path) -> Iterator[tuple[str, str | None]]:
-    """(the base URL, the gRPC host:port) to load: the given ones, or a service started here for
-    the run (configured by the RESNET_SERVE_* variables of this process, access log off)."""
+def target(options: HttpOptions, out: Path) -> Iterator[Running]:
+    """The base URL, gRPC host:port and process to load: the given ones, or a service started
+    here for the run (configured by the RESNET_SERVE_* variables of this process and
+    `service_args`, access log off)."""
     if options.start_service is None:
         assert options.url is not None  # the CLI requires one of the two
-        yield options.url.rstrip("/"), options.grpc_url
+        yield Running(options.url.rstrip("/"), options.grpc_url, options.service_pid)
         return
     out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k.startswith("RESNET_SERVE_")}
     with pinned(options.service_cpus):  # the service process inherits these cores
-        service = Service(options.start_service.resolve(), out / "service.log", env=env)
+        service = Service(
+            options.start_service.resolve(), out / "service.log", *options.service_args, env=env
+        )
     with service, pinned(options.client_cpus):
         service.wait_ready(options.service_ready_timeout_s)
-        yield service.url, f"{service.host}:{service.grpc_port}"
+        yield Running(service.url, f"{service.host}:{service.grpc_port}", service.process.pid)
 
 
 def split_cpus(client_cores: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -175,13 +201,25 @@ def service_counters(url: str, model: str) -> dict[str, float] | None:
 
 
 def measured(
-    url: str, model: str, level: Callable[[], Coroutine[Any, Any, dict[str, Any]]]
+    url: str,
+    model: str,
+    level: Callable[[], Coroutine[Any, Any, dict[str, Any]]],
+    pid: int | None = None,
 ) -> dict[str, Any]:
     """One load level, plus the load generator's own CPU time (it shares the machine with the
-    service) and, from the service's /metrics, its batches during the level."""
-    before, cpu = service_counters(url, model), time.process_time()
+    service), the server's CPU time (process `pid` and its children, all threads) and, from the
+    service's /metrics, its batches during the level. /metrics is read outside the CPU window."""
+    before = service_counters(url, model)
+    server_cpu = process_cpu_s(pid) if pid else None
+    cpu = time.process_time()
     result = asyncio.run(level())
     result["client_cpu_s"] = time.process_time() - cpu
+    if pid and server_cpu is not None:
+        spent = process_cpu_s(pid) - server_cpu
+        result["server_cpu_s"] = spent
+        result["server_cpu_ms_per_request"] = (
+            1000 * spent / result["requests"] if result["requests"] else None
+        )
     after = service_counters(url, model)
     if before is not None and after is not None:
         delta = {key: after[key] - before[key] for key in COUNTERS}
@@ -197,7 +235,8 @@ def measured(
 
 def run_http(options: HttpOptions, out: Path, engine_results: Path | None) -> dict[str, Any]:
     """The `http` section of results.json."""
-    with target(options, out) as (url, grpc_target):
+    with target(options, out) as running:
+        url, grpc_target = running.url, running.grpc
         models = models_of(url)
         model = choose_model(models, options.model)
         query = f"model={model}" + ("&top_k=5" if options.endpoint == "classify" else "")
@@ -222,12 +261,15 @@ def run_http(options: HttpOptions, out: Path, engine_results: Path | None) -> di
         peak = max((*options.concurrency, 1))
         warm = asyncio.run(warm_up(spec, options.warmup_requests, peak))
         closed = [
-            measured(url, model, lambda c=c: closed_loop(spec, c, f"concurrency {c}"))
+            measured(url, model, lambda c=c: closed_loop(spec, c, f"concurrency {c}"), running.pid)
             for c in options.concurrency
         ]
         opened = [
             measured(
-                url, model, lambda r=r: open_loop(spec, r, options.max_connections, f"{r:g} req/s")
+                url,
+                model,
+                lambda r=r: open_loop(spec, r, options.max_connections, f"{r:g} req/s"),
+                running.pid,
             )
             for r in options.rates
         ]
@@ -257,4 +299,49 @@ def run_http(options: HttpOptions, out: Path, engine_results: Path | None) -> di
     }
     engine = load_results(engine_results or out).get("engine")
     section["vs_engine"] = vs_engine(section, engine, model)
+    section["tax"] = serving_tax(options, section)
     return section
+
+
+def serving_tax(options: HttpOptions, section: dict[str, Any]) -> dict[str, Any] | None:
+    """Per level, the server's CPU per request outside inference (its CPU per request minus the
+    model's inference CPU per request at the mean batch the level formed); and the c=1 latency
+    added over the engine (HTTP p50 at c=1 minus the engine's batch-1 p50), the engine being
+    measured now, after the load, in a fresh process (`bench.cpu`). None without the server's
+    CPU; inference figures absent without the repository or the service's batch counters."""
+    levels = section["closed"] + section["open"]
+    if not any("server_cpu_ms_per_request" in lv for lv in levels):
+        return None
+    repository = options.repository or options.start_service
+    means = [
+        lv["service"]["mean_batch"] for lv in levels if (lv.get("service") or {}).get("mean_batch")
+    ]
+    cost = None
+    if options.measure_inference and repository is not None and means:
+        job = InferenceJob(
+            repository=repository.resolve(),
+            model=section["model"],
+            batch_sizes=batch_sizes_for(means, options.images_per_request),
+            images=tuple(data for _, data in options.images),
+            service_args=options.service_args,
+        )
+        cost = inference_cost(job)
+    for lv in levels:
+        served = lv.get("service") or {}
+        per_request = lv.get("server_cpu_ms_per_request")
+        tax: dict[str, Any] = {"server_cpu_ms_per_request": per_request}
+        if cost is not None and served.get("mean_batch") and per_request is not None:
+            inference = lv["images_per_request"] * inference_ms_per_image(
+                cost, served["mean_batch"]
+            )
+            tax["inference_cpu_ms_per_request"] = inference
+            tax["outside_inference_cpu_ms_per_request"] = per_request - inference
+        lv["tax"] = tax
+    result: dict[str, Any] = {"engine": cost, "c1_added_ms": None}
+    one = next((lv for lv in section["closed"] if lv["concurrency"] == 1), None)
+    if cost is not None and one is not None and one["latency"].get("n"):
+        engine_p50 = cost["batches"][str(options.images_per_request)]["wall"]["p50_ms"]
+        result["engine_batch_p50_ms"] = engine_p50
+        result["engine_batch"] = options.images_per_request
+        result["c1_added_ms"] = one["latency"]["p50_ms"] - engine_p50
+    return result

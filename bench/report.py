@@ -107,6 +107,13 @@ def engine_table(engine: dict[str, Any]) -> str:
 def http_table(levels: list[dict[str, Any]], key: str, label: str) -> str:
     head = [label, "requests", "images/request", "images/s", "p50 ms", "p90 ms", "p99 ms"]
     head += ["errors", "statuses", "wall s", "client CPU s", "mean batch", "inference ms/image"]
+    taxed = any("tax" in lv for lv in levels)
+    if taxed:
+        head += [
+            "server CPU ms/request",
+            "inference CPU ms/request",
+            "outside inference ms/request",
+        ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lv in levels:
         lat, service = lv["latency"], lv.get("service") or {}
@@ -126,6 +133,13 @@ def http_table(levels: list[dict[str, Any]], key: str, label: str) -> str:
             _num(service.get("mean_batch")),
             _num(service.get("inference_ms_per_image")),
         ]
+        if taxed:
+            tax = lv.get("tax") or {}
+            cells += [
+                _num(tax.get("server_cpu_ms_per_request"), 3),
+                _num(tax.get("inference_cpu_ms_per_request"), 3),
+                _num(tax.get("outside_inference_cpu_ms_per_request"), 3),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -198,6 +212,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         if http.get("open"):
             parts += ["Open loop (latency from each request's scheduled start):", ""]
             parts += [http_table(http["open"], "rate_per_s", "offered requests/s"), ""]
+        parts += _tax_lines(http.get("tax"))
         vs = http.get("vs_engine")
         if vs:
             parts += [
@@ -214,7 +229,85 @@ def render_markdown(results: dict[str, Any]) -> str:
                     f"{100 * vs['ratio_engine_only']:.0f}%.",
                     "",
                 ]
+    floor = results.get("floor")
+    if floor:
+        parts += ["## The Python floor: a minimal ASGI app under the service's HTTP server", ""]
+        parts += [f"Machine: {machine_line(floor['machine'])}.", ""]
+        parts += _warning(floor["machine"])
+        parts += [f"Command: `{floor.get('command', '')}`", ""]
+        parts += [
+            f"Server: {floor.get('server')}; {floor.get('images')} distinct images, "
+            f"{floor.get('body')}, load generator {_generator(floor)} on the same machine.",
+            "",
+            http_table(floor["closed"], "concurrency", "concurrency"),
+            "",
+        ]
+        parts += _tax_lines(floor.get("tax"))
+    if results.get("tax"):
+        parts += [tax_markdown(results["tax"]), ""]
     return "\n".join(parts)
+
+
+def tax_markdown(tax: dict[str, Any]) -> str:
+    """`bench tax`: the measured rows, then the issue's ratios against their targets."""
+    parts = ["## The serving tax", ""]
+    parts += [f"Machine: {machine_line(tax['machine'])}.", ""] if "machine" in tax else []
+    parts += _warning(tax.get("machine", {}))
+    parts += [f"Command: `{tax.get('command', '')}` ({tax.get('runtime_s')} s)", ""]
+    engine = tax["engine"]
+    parts += [
+        f"CIFAR ResNet-20 alone (onnxruntime in process, the service's settings): batch 1 p50 "
+        f"{engine['batch1_p50_ms']:.2f} ms; best batch {engine['best_batch']}: "
+        f"{engine['best_images_per_s']:.0f} images/s.",
+        "",
+    ]
+    head = ["workload", "c", "requests/s", "images/s", "p50 ms", "p99 ms", "errors", "mean batch"]
+    head += ["server CPU ms/request", "outside inference ms/request"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in tax["rows"]:
+        cells = [
+            r["workload"],
+            str(r["concurrency"]),
+            _num(r["requests_per_s"]),
+            _num(r["images_per_s"]),
+            _num(r["p50_ms"], 2),
+            _num(r["p99_ms"], 2),
+            str(r["errors"]),
+            _num(r["mean_batch"]),
+            _num(r["server_cpu_ms_per_request"], 3),
+            _num(r["outside_inference_ms_per_request"], 3),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    parts += ["\n".join(lines), ""]
+    lines = ["| target | this run | target | met |", "|---|---|---|---|"]
+    for check in tax["targets"]:
+        met = {True: "yes", False: "no", None: "-"}[check["met"]]
+        lines.append(f"| {check['what']} | {_num(check['value'], 2)} | {check['target']} | {met} |")
+    parts += ["\n".join(lines), ""]
+    parts += [f"Note: {note}." for note in tax.get("notes", [])]
+    return "\n".join(parts)
+
+
+def _tax_lines(tax: dict[str, Any] | None) -> list[str]:
+    """How the tax columns were measured, and the c=1 latency added over the engine."""
+    if not tax:
+        return []
+    lines = [
+        "Server CPU per request: utime + stime of the server process and its children (all "
+        "threads, /proc/PID/stat) over the level, divided by its requests.",
+        "",
+    ]
+    engine = tax.get("engine")
+    if engine:
+        lines += [f"Inference CPU per request: {engine['method']}.", ""]
+    if tax.get("c1_added_ms") is not None:
+        lines += [
+            f"c=1 latency added over the engine: HTTP p50 minus the engine's batch-"
+            f"{tax['engine_batch']} p50 ({tax['engine_batch_p50_ms']:.2f} ms, same run) = "
+            f"{tax['c1_added_ms']:.2f} ms.",
+            "",
+        ]
+    return lines
 
 
 def _generator(http: dict[str, Any]) -> str:
