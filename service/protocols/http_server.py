@@ -32,6 +32,46 @@ ACCEPTED_GRACE_S = 0.25
 
 
 MAX_HEAD_BYTES = 16 * 1024  # what h11 allows an incomplete request head
+FLUSH_AT_BYTES = 64 * 1024
+
+
+class CoalescedWrites:
+    """A request's view of its connection, through which a response's writes (uvicorn writes
+    its head, then its body) leave in one send instead of one each: collected, and sent when the
+    response is complete (`flush`), when the connection closes, at the end of the event loop's
+    current iteration (a streamed response), or past FLUSH_AT_BYTES."""
+
+    __slots__ = ("_loop", "_pending", "_scheduled", "_size", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._pending: list[bytes] = []
+        self._size = 0
+        self._scheduled = False
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._size += len(data)
+        if self._size >= FLUSH_AT_BYTES:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
+            self._size = 0
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -59,9 +99,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head, self._head_bytes = False, 0
         self._head_received()
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle.transport is self.transport:
+            self.cycle.transport = CoalescedWrites(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_response_complete(self) -> None:
         self._in_head, self._head_bytes = True, 0
+        transport = self.cycle.transport if self.cycle is not None else None
+        if isinstance(transport, CoalescedWrites):
+            transport.flush()  # the answer leaves now, before anything of the next request
         super().on_response_complete()
         self._await_head()  # the next request's head (keep-alive)
 
