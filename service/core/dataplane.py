@@ -239,17 +239,26 @@ class Call:
 
 
 async def unless_disconnected(disconnected: Disconnected, work: Coroutine[Any, Any, T]) -> T:
-    """The result of `work`, or ClientDisconnectedError as soon as `disconnected()` returns, with
-    `work` cancelled: its images still waiting for a batch are dropped."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(disconnected())
+    """The result of `work` (awaited in this task), or ClientDisconnectedError as soon as
+    `disconnected()` returns: a watcher task then cancels this one, so that `work` stops where it
+    is and its images still waiting for a batch are dropped."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await disconnected()
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not gone:  # a timeout, a shutdown: not ours to turn into an answer
+            raise
+        task.uncancel()
+        raise ClientDisconnectedError("client disconnected before its answer was ready") from None
     finally:
-        # Also reached when this request is cancelled (its timeout): neither task outlives it.
-        for pending in (task, watcher):
-            pending.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-    if task.cancelled():
-        raise ClientDisconnectedError("client disconnected before its answer was ready")
-    return task.result()
+        watcher.cancel()
