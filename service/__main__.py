@@ -5,12 +5,16 @@ from its `RESNET_SERVE_*` variable. On SIGTERM or SIGINT, /readyz turns 503 at o
 `--drain-delay-ms` the listener closes, accepted requests finish (queued images included), the
 models are released, and the process exits 0. Exit status 2: bad configuration or repository;
 1: a model failed to load; 3: the server never started (for example, the port is taken).
+
+With `--workers N` (N >= 2) this process becomes the engine process and starts N front-end
+workers (service/processes.py); the signals, the drain and the exit statuses are the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -22,10 +26,7 @@ from pydantic_settings import CliApp, CliSettingsSource
 from contract.repository import RepositoryError
 from runtime.engines import EngineError
 
-from .core.registry import ModelRegistry
 from .core.settings import ENV_PREFIX, Settings, is_env_only
-from .protocols.app import create_app
-from .protocols.http_server import DrainingServer, http_config
 
 log = logging.getLogger("service")
 
@@ -90,6 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Pillow warns about corrupt metadata with texts built from the image's own numbers; every
     # distinct text would be printed once and kept in its registry for good.
     warnings.filterwarnings("ignore", module=r"PIL(\..*)?$")
+    if settings.workers > 1:
+        return _serve_workers(settings)
+    return _serve(settings)
+
+
+def _serve(settings: Settings) -> int:
+    """One process: the app, its models and the servers."""
+    from .core.registry import ModelRegistry
+    from .protocols.app import create_app
+    from .protocols.http_server import DrainingServer, http_config
+
     server: DrainingServer | None = None
 
     def stop() -> None:
@@ -112,6 +124,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.critical("exiting: %s", registry.fatal)
         return 1
     return 0 if server.started else 3
+
+
+def _serve_workers(settings: Settings) -> int:
+    """This process holds the models; `workers` processes serve the ports (service/processes.py).
+    No web or RPC framework is imported here."""
+    if not hasattr(os, "memfd_create"):
+        log.critical("cannot start: --workers > 1 needs Linux (memfd shared memory)")
+        return 2
+    from .processes import EngineProcess, serve
+
+    try:
+        engine = EngineProcess(settings)
+    except (RepositoryError, EngineError, ValueError) as exc:
+        log.critical("cannot start: %s", exc)
+        return 2
+    return serve(engine)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ up and form the next batch, so under load batches grow by themselves, up to `max
 `max_delay_ms` after its first image was queued, or until none is on its way any more. (Triton's
 dynamic batcher works the same way; its queue delay is an option, 0 by default.)
 
-One way in: `async with batcher.admit(n) as ticket: ... await ticket.run(images)`. Admission
+One way in: `async with batcher.admit(n) as ticket: ... await ticket.run(images)` (or, without a
+task of its own per request, as the engine process serves its front-end workers:
+`ticket = batcher.ticket(n)`, `ticket.submit(images, outputs)`, `ticket.close()`). Admission
 takes room for `n` images in the bounded queue at once, or refuses the whole request (503) before
 any decoding is spent on it, so that a burst far above capacity is turned away at once; the room
 stays the ticket's while its images are decoded, moves with them into the queue, and whatever was
@@ -50,9 +52,10 @@ class Ticket:
 
     def __init__(self, batcher: Batcher, size: int) -> None:
         self._batcher = batcher
+        self.size = size
         self._held = size  # room not yet handed to the queue: images on their way
         self._images: np.ndarray | None = None
-        self._outputs: list[np.ndarray] | None = None
+        self._outputs: Sequence[np.ndarray] | None = None
         self._missing = 0
         self._done: asyncio.Future[OutputArrays] = asyncio.get_running_loop().create_future()
         self.trace = current_record()  # the request's, when it is traced (core/tracing.py)
@@ -62,8 +65,22 @@ class Ticket:
         """The request no longer waits for these images (or they failed)."""
         return self._done.done()
 
+    def inputs(self, shape: tuple[int, ...]) -> np.ndarray:
+        """An array [size, *shape] to write this ticket's images into."""
+        return np.empty((self.size, *shape), dtype=np.float32)
+
     async def run(self, images: np.ndarray) -> OutputArrays:
         """Outputs for `images` [k <= size, ...]: one array [k, ...] per model output, in order."""
+        # Cancelling this await (timeout, disconnect) cancels `_done`: the queued images are
+        # dropped before their batch runs.
+        return await self.submit(images)
+
+    def submit(
+        self, images: np.ndarray, outputs: Sequence[np.ndarray] | None = None
+    ) -> asyncio.Future[OutputArrays]:
+        """Queue `images` [k <= size, ...]; the future gets their outputs (into `outputs`, one
+        array [k, ...] per model output, when given) once every row has run. Cancelling it
+        drops the images not run yet."""
         if self._images is not None:
             raise RuntimeError("a ticket runs once")
         if not 0 < len(images) <= self._held:
@@ -73,17 +90,26 @@ class Ticket:
             raise NotReadyError(
                 f"model {batcher.name} is stopping", retry_after_s=batcher._retry_after_s
             )
-        self._images, self._missing = images, len(images)
+        self._images, self._missing, self._outputs = images, len(images), outputs
         self._held -= len(images)  # from now on the queue accounts for them
         batcher._enqueue(self, len(images))
-        # Cancelling this await (timeout, disconnect) cancels `_done`: the queued images are
-        # dropped before their batch runs.
-        return await self._done
+        return self._done
+
+    def close(self) -> None:
+        """Give back the room not handed to the queue (decoding failed, the client left)."""
+        if self._held:
+            batcher = self._batcher
+            batcher._incoming -= self._held
+            batcher._set_waiting(-self._held)
+            self._held = 0
+            batcher._arrived.set()  # a batch waiting for these stops waiting
 
     def _deliver(self, index: int, outputs: Sequence[np.ndarray], row: int) -> None:
         if self._outputs is None:
             n = len(self._images) if self._images is not None else 0
             self._outputs = [np.empty((n, *o.shape[1:]), dtype=o.dtype) for o in outputs]
+        if len(self._outputs) != len(outputs):
+            raise ValueError(f"{len(outputs)} outputs for a ticket expecting {len(self._outputs)}")
         for target, output in zip(self._outputs, outputs, strict=True):
             target[index] = output[row]
         self._missing -= 1
@@ -143,6 +169,7 @@ class Batcher:
         self._closed = False
         self._waiting = 0  # images admitted and not yet running: held, queued or forming
         self._incoming = 0  # of those, held by tickets: still being decoded
+        self.on_waiting: Callable[[int], None] | None = None  # told every change of `waiting`
         self._queue_wait = metrics.queue_wait.labels(name)
         self._queue_depth = metrics.queue_depth.labels(name)
         self._batch_size = metrics.batch_size.labels(name)
@@ -179,11 +206,9 @@ class Batcher:
                 retry_after_s=self._retry_after_s,
             )
 
-    @asynccontextmanager
-    async def admit(self, count: int) -> AsyncIterator[Ticket]:
-        """Room for `count` images from now until they have run, or NotReadyError /
-        QueueFullError (nothing taken). Room the ticket did not hand to the queue comes back
-        when the block ends, however it ends."""
+    def ticket(self, count: int) -> Ticket:
+        """Room for `count` images from now until they have run (give back what is not used
+        with `Ticket.close`), or NotReadyError / QueueFullError (nothing taken)."""
         if self._closed or self._task is None:
             raise NotReadyError(
                 f"model {self.name} is not serving", retry_after_s=self._retry_after_s
@@ -192,14 +217,17 @@ class Batcher:
         ticket = Ticket(self, count)
         self._set_waiting(count)
         self._incoming += count
+        return ticket
+
+    @asynccontextmanager
+    async def admit(self, count: int) -> AsyncIterator[Ticket]:
+        """A ticket for `count` images, whose unused room comes back when the block ends,
+        however it ends."""
+        ticket = self.ticket(count)
         try:
             yield ticket
         finally:
-            if ticket._held:  # admitted, never queued (decoding failed, the client left)
-                self._incoming -= ticket._held
-                self._set_waiting(-ticket._held)
-                ticket._held = 0
-                self._arrived.set()  # a batch waiting for these stops waiting
+            ticket.close()
 
     def _enqueue(self, ticket: Ticket, count: int) -> None:
         now = time.monotonic()
@@ -282,13 +310,21 @@ class Batcher:
         else:
             for row, item in enumerate(batch):
                 if not item.ticket.gone:
-                    item.ticket._deliver(item.index, outputs, row)
+                    try:
+                        item.ticket._deliver(item.index, outputs, row)
+                    except ValueError as exc:  # outputs unlike the model's metadata
+                        log.error("model %s: %s", self.name, exc)
+                        item.ticket._fail(
+                            InferenceError(f"model {self.name}: outputs unlike its metadata")
+                        )
         finally:
             self._inference_latency.observe(time.monotonic() - start)
 
     def _set_waiting(self, change: int) -> None:
         self._waiting += change
         self._queue_depth.set(self._waiting)
+        if self.on_waiting is not None:
+            self.on_waiting(self._waiting)
 
     @staticmethod
     def _fail(batch: list[_Item], error: Exception) -> None:

@@ -1,5 +1,6 @@
 """The data plane, free of HTTP and gRPC: one inference request (`DataPlane.request` -> `Call`)
-from encoded images or tensors to outputs, over the models of a `ModelRegistry` it is given.
+from encoded images or tensors to outputs, over the models it is given: a `ModelRegistry` (engines
+in this process) or a front-end worker's `RemoteRegistry` (engines in the engine process).
 
 `request` resolves the model, holds its version for the request, checks readiness and queue
 room (a full queue refuses before the body is read), enforces the timeout, stops working for a
@@ -25,7 +26,6 @@ from contract.repository import ModelEntry
 from runtime.gpu_decode import image_preprocessor
 from runtime.preprocess import OversizedImageError, PixelBudget, UndecodableImageError, probe
 
-from .batcher import OutputArrays
 from .budget import ByteBudget
 from .errors import (
     ClientDisconnectedError,
@@ -35,10 +35,11 @@ from .errors import (
     NotReadyError,
     RequestTimeoutError,
     ServiceError,
+    StaleVersionError,
 )
 from .metrics import Metrics
 from .postprocess import predictions, unit_norm
-from .registry import ModelRegistry, ServedModel
+from .serving import Model, Models, OutputArrays, Queue
 from .settings import Settings
 from .tracing import annotate_model, stage
 
@@ -46,6 +47,7 @@ DEFAULT_TOP_K = 5
 # Images up to this many pixels (64 x 64) are decoded on the event loop: tens of microseconds,
 # less than a hop to a decode thread and back costs.
 INLINE_PIXELS = 64 * 64
+STALE_ATTEMPTS = 3
 T = TypeVar("T")
 Disconnected = Callable[[], Awaitable[object]]
 
@@ -53,7 +55,7 @@ Disconnected = Callable[[], Awaitable[object]]
 class DataPlane:
     """The request path over a registry's models, and the thread pool that decodes images."""
 
-    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, registry: Models, settings: Settings, metrics: Metrics) -> None:
         self.registry, self.settings, self.metrics = registry, settings, metrics
         self._preprocess_into = image_preprocessor(
             settings.jpeg_decoder, dct_scaling=settings.jpeg_dct_scaling
@@ -122,10 +124,12 @@ class DataPlane:
             self.metrics.requests.labels(label, endpoint, str(status)).inc()
             self.metrics.request_latency.labels(label, endpoint).observe(time.monotonic() - start)
 
-    async def decode(self, model: ServedModel, blobs: Sequence[bytes], images: np.ndarray) -> None:
+    async def decode(self, model: Model, blobs: Sequence[bytes], images: np.ndarray) -> None:
         """Each encoded image's model input written into its row of `images`: small images
         (at most INLINE_PIXELS, such as CIFAR's 32x32) right here, where decoding them costs
-        less than handing them to a thread and back; the others in the decode pool."""
+        less than handing them to a thread and back; the others in the decode pool. Returns
+        (or raises, or is cancelled) only once no thread writes into `images` any more: it may
+        be shared memory that is reused once this request ends."""
         loop = asyncio.get_running_loop()
         budget = PixelBudget(self.settings.max_request_pixels)
         jobs = []
@@ -140,13 +144,21 @@ class DataPlane:
                     )
                 )
         if jobs:
-            for result in await asyncio.gather(*jobs, return_exceptions=True):
+            try:
+                results = await asyncio.gather(*jobs, return_exceptions=True)
+            except asyncio.CancelledError:
+                for job in jobs:
+                    job.cancel()  # those not started yet
+                # A thread cannot be stopped: wait out those decoding now (milliseconds).
+                await asyncio.shield(asyncio.wait(jobs))
+                raise
+            for result in results:
                 if isinstance(result, BaseException):
                     raise result
 
     def _preprocess(
         self,
-        model: ServedModel,
+        model: Model,
         index: int,
         blob: bytes,
         out: np.ndarray,
@@ -175,11 +187,10 @@ class Call:
     """What one request may ask of its model: admit -> decode -> batch, in one direction. Every
     method stops at once when the client disconnects."""
 
-    def __init__(
-        self, plane: DataPlane, model: ServedModel, disconnected: Disconnected | None
-    ) -> None:
+    def __init__(self, plane: DataPlane, model: Model, disconnected: Disconnected | None) -> None:
         assert model.batcher is not None
-        self._plane, self.model, self._batcher = plane, model, model.batcher
+        self._plane, self.model = plane, model
+        self._batcher: Queue = model.batcher
         self._disconnected = disconnected
 
     @property
@@ -206,18 +217,41 @@ class Call:
 
     async def infer(self, blobs: Sequence[bytes]) -> OutputArrays:
         """(logits [N, classes], embeddings [N, dim]) for encoded images, in order."""
-        return await self._unless_disconnected(self._decode_and_run(blobs))
+        work = self._on_current_version(self._decode_and_run, blobs)
+        return await self._unless_disconnected(work)
 
     async def infer_tensors(self, images: np.ndarray) -> OutputArrays:
         """The same for inputs already preprocessed, float32 [N, *input_shape] (Open Inference
         Protocol tensors): they join the same batcher as decoded images."""
-        return await self._unless_disconnected(self._run(images))
+        return await self._unless_disconnected(self._on_current_version(self._run, images))
+
+    async def _on_current_version(
+        self, work: Callable[[Any], Coroutine[Any, Any, OutputArrays]], argument: Any
+    ) -> OutputArrays:
+        """`work(argument)`, again on the model's new version when the version this request
+        resolved was swapped out in the engine process before its images reached it (a
+        front-end worker's view of the versions lags the engine process's by one message)."""
+        for attempt in range(STALE_ATTEMPTS):
+            try:
+                return await work(argument)
+            except StaleVersionError:
+                if attempt == STALE_ATTEMPTS - 1:
+                    raise
+                model = self._plane.registry.resolve(self.entry.name)
+                if model.state != "ready" or model.batcher is None:
+                    raise NotReadyError(
+                        f"model {model.entry.name} is {model.state}",
+                        retry_after_s=self._plane.settings.retry_after_s,
+                    ) from None
+                self.model, self._batcher = model, model.batcher
+                annotate_model(model.entry.name, model.entry.version)
+        raise AssertionError("unreachable")
 
     async def _decode_and_run(self, blobs: Sequence[bytes]) -> OutputArrays:
         # The room is the ticket's while decoding: a burst is refused (503) before any decoding
         # is spent on it.
         async with self._batcher.admit(len(blobs)) as ticket:
-            images = np.empty((len(blobs), *self.entry.input_shape), dtype=np.float32)
+            images = ticket.inputs(self.entry.input_shape)
             with stage("decode"):
                 await self._plane.decode(self.model, blobs, images)
             self._count(len(images))

@@ -95,6 +95,13 @@ class QueueFullError(UnavailableError):
     code = "queue_full"
 
 
+class StaleVersionError(UnavailableError):
+    """A front-end worker named a model version the engine process no longer serves (it was
+    swapped out a moment before); the data plane retries on the new version."""
+
+    code = "stale_version"
+
+
 class RequestTimeoutError(ServiceError):
     status, code = 504, "timeout"
 
@@ -110,3 +117,20 @@ class ClientDisconnectedError(ServiceError):
     499) keeps the metrics and the log honest about why the request ended."""
 
     status, code = 499, "client_closed_request"
+
+
+def error_from(code: str, message: str, retry_after_s: int | None) -> ServiceError:
+    """The error a code names (as the engine process reports it to a front-end worker)."""
+    kind = _KINDS.get(code)
+    if kind is None:
+        return InferenceError(message)
+    if issubclass(kind, UnavailableError):
+        return kind(message, retry_after_s=retry_after_s or 0)
+    return kind(message)
+
+
+def _every(kind: type[ServiceError]) -> list[type[ServiceError]]:
+    return [kind] + [k for sub in kind.__subclasses__() for k in _every(sub)]
+
+
+_KINDS: dict[str, type[ServiceError]] = {kind.code: kind for kind in _every(ServiceError)}

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 from contract.cpu import choice_mismatch
 from contract.repository import ModelEntry, scan_repository
@@ -34,13 +34,12 @@ from runtime.engines import (
 )
 
 from .batcher import Batcher
-from .errors import InvalidParameterError, ModelNotFoundError
+from .errors import ModelNotFoundError
 from .metrics import Metrics
+from .serving import ModelState, Status, resolve
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-ModelState = Literal["loading", "ready", "failed", "unloaded"]
 
 
 class ServedModel:
@@ -68,13 +67,20 @@ class ServedModel:
     def use(self) -> Iterator[ServedModel]:
         """Hold this version for one request: it is not released (after a swap or an unload)
         before the request has answered."""
-        self._users += 1
+        self.acquire()
         try:
             yield self
         finally:
-            self._users -= 1
-            if not self._users and self._idle is not None:
-                self._idle.set()
+            self.release()
+
+    def acquire(self) -> None:
+        """`use` without a block (the engine process holds a version per worker request)."""
+        self._users += 1
+
+    def release(self) -> None:
+        self._users -= 1
+        if not self._users and self._idle is not None:
+            self._idle.set()
 
     async def idle(self) -> None:
         """Until no request holds this version."""
@@ -196,6 +202,7 @@ class ModelRegistry:
         self._loaded: asyncio.Event | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._stopping = threading.Event()  # read by the warm-up thread
+        self.watchers: list[Callable[[], None]] = []  # called by `changed`
         log.info(
             "serving %s from %s with providers %s",
             ", ".join(f"{m.entry.name} v{m.entry.version}" for m in self.models.values()),
@@ -215,7 +222,7 @@ class ModelRegistry:
         )
 
     @property
-    def status(self) -> Literal["ready", "loading", "draining", "failed"]:
+    def status(self) -> Status:
         if self.fatal is not None:
             return "failed"
         if self.draining:
@@ -243,6 +250,7 @@ class ModelRegistry:
             log.info("draining: /readyz now answers 503")
         self.draining = True
         self.metrics.ready.set(0)
+        self.changed()
 
     async def stop(self) -> None:
         """Drain, stop loading (a warm-up in progress ends after its current run), finish the
@@ -275,6 +283,7 @@ class ModelRegistry:
         finally:
             assert self._loaded is not None
             self._loaded.set()
+            self.changed()
 
     async def load(self, model: ServedModel) -> None:
         """Build its engine, warm it up and start its batcher (at start-up, and for a new
@@ -311,6 +320,7 @@ class ModelRegistry:
         )
         model.batcher.start()
         model.state = "ready"
+        self.changed()
         log.info(
             "model %s v%d: warmed batch sizes %s, ready after %.1f s",
             entry.name,
@@ -321,17 +331,14 @@ class ModelRegistry:
 
     def resolve(self, name: str | None) -> ServedModel:
         """The model a request names, or the default one when it names none."""
-        if name is None:
-            name = self.default_model
-            if name is None:
-                raise InvalidParameterError(
-                    f"several models are served; name one with ?model= "
-                    f"(choices: {sorted(self.models)})"
-                )
-        model = self.models.get(name)
-        if model is None:
-            raise ModelNotFoundError(f"no model named {name!r} (served: {sorted(self.models)})")
+        model: ServedModel = resolve(self.models, self.default_model, name)
         return model
+
+    def changed(self) -> None:
+        """Tell the watchers (the engine process's front-end workers) that what is served, or
+        its readiness, changed."""
+        for watcher in self.watchers:
+            watcher()
 
     def swap(self, new: ServedModel) -> ServedModel | None:
         """Serve `new` (loaded and ready) under its name from now on; the version it replaces
@@ -342,6 +349,7 @@ class ModelRegistry:
         self.models[name] = new
         if old is not None:
             self.retire(old)
+        self.changed()
         return old
 
     def remove(self, name: str) -> ServedModel:
@@ -350,6 +358,7 @@ class ModelRegistry:
         if model is None:
             raise ModelNotFoundError(f"no model named {name!r} is loaded")
         self.retire(model)
+        self.changed()
         return model
 
     def retire(self, model: ServedModel) -> None:

@@ -187,6 +187,16 @@ class Settings(BaseSettings):
         description="HTTP connections at once; past it, new requests get 503 (behind a proxy, "
         "bound connections and slow clients there too: docs/reliability.md)",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="front-end processes. 1: everything in one process. N >= 2 (Linux): N worker "
+        "processes accept connections on the same ports, parse, authenticate and decode, and "
+        "hand tensors through shared memory to this process, which holds the one copy of each "
+        "model and batches across all of them; max_connections, max_inflight_bytes, "
+        "decode_workers and grpc_max_concurrent_rpcs then apply per worker",
+    )
     default_model: str | None = Field(
         None, description="model used when a request names none (needed with several models)"
     )

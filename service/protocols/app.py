@@ -7,6 +7,10 @@ the repository extension), the middlewares (bearer tokens outermost, then tracin
 handlers, and starts and stops everything in the app's lifespan. No app exists until
 `create_app` is called. `app.state` holds `plane` (the data plane, and through it the registry
 and the settings), `access`, `tracing`, `model_control` and `grpc_port`.
+
+Given an `engine` (a front-end worker's link to the engine process, `--workers N`), the models
+are the engine process's (`RemoteRegistry`, `RemoteControl`): the same routes, adapters and data
+plane, with no engine in this process.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ..core.dataplane import DataPlane
 from ..core.metrics import Metrics
 from ..core.model_control import ModelControl
 from ..core.registry import ModelRegistry
+from ..core.remote import EngineLink, RemoteControl, RemoteRegistry
 from ..core.settings import Settings
 from ..core.tracing import Tracing
 from .auth import AccessPolicy, BearerAuth
@@ -44,18 +49,26 @@ def create_app(
     *,
     on_fatal: Callable[[], None] | None = None,
     span_exporter: Any = None,
+    engine: EngineLink | None = None,
 ) -> FastAPI:
     """The service for `settings`. Reads the repository now (a bad one raises here); engines
     are built and warmed in the background once the app starts. `on_fatal` is called when that
     fails, so that the process can exit non-zero instead of never becoming ready. Spans go to
     `span_exporter` when given (tests), else as the settings say (service/core/tracing.py)."""
     metrics = Metrics()
-    registry = ModelRegistry(settings, metrics, on_fatal=on_fatal)
+    registry: ModelRegistry | RemoteRegistry
+    control: ModelControl | RemoteControl
+    if engine is None:
+        registry = ModelRegistry(settings, metrics, on_fatal=on_fatal)
+        control = ModelControl(registry, settings)
+    else:
+        registry = RemoteRegistry(settings, metrics, engine)
+        control = RemoteControl(registry)
     plane = DataPlane(registry, settings, metrics)
     access = AccessPolicy.from_settings(settings, metrics)
-    log.info("access control: %s", access.describe())
+    if engine is None:
+        log.info("access control: %s", access.describe())
     tracing = Tracing.from_settings(settings, span_exporter)
-    control = ModelControl(registry, settings)
     serve_grpc = grpc_wanted(settings)  # configured but not installed: refused now
 
     @asynccontextmanager
@@ -68,7 +81,13 @@ def create_app(
             from .oip_grpc import serve
 
             grpc_server, app.state.grpc_port = await serve(
-                settings, plane, access, tracing, name=app.title, version=app.version
+                settings,
+                plane,
+                access,
+                tracing,
+                name=app.title,
+                version=app.version,
+                shared_port=engine is not None,
             )
         try:
             yield

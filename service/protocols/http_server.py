@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ..core.registry import ModelRegistry
+from ..core.serving import Models
 from ..core.settings import Settings
 
 ACCEPTED_GRACE_S = 0.25
@@ -163,11 +164,17 @@ class DrainingServer(uvicorn.Server):
     """uvicorn with a readiness flip on the first stop signal, and an optional drain delay
     between that flip and closing the listener."""
 
-    def __init__(self, config: uvicorn.Config, registry: ModelRegistry, drain_ms: int) -> None:
+    def __init__(self, config: uvicorn.Config, registry: Models, drain_ms: int) -> None:
         super().__init__(config)
         self._registry = registry
         self._drain_s = drain_ms / 1000.0
         self._stop_at: float | None = None
+        self.on_started: Callable[[], None] | None = None  # once the listeners accept
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._registry.begin_draining()

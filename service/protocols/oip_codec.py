@@ -42,7 +42,7 @@ from ..core.errors import (
     clip,
 )
 from ..core.postprocess import classifications
-from ..core.registry import ServedModel
+from ..core.serving import Model
 
 IMAGE_BYTES = "image_bytes"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -228,7 +228,7 @@ def model_metadata(entry: ModelEntry) -> dict[str, Any]:
     }
 
 
-def check_version(model: ServedModel, version: str | None) -> ServedModel:
+def check_version(model: Model, version: str | None) -> Model:
     """The served model when `version` is absent or its version; NOT_FOUND otherwise."""
     if version and version != str(model.entry.version):
         raise ModelNotFoundError(

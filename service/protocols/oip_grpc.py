@@ -32,7 +32,7 @@ from contract.repository import ModelEntry
 
 from ..core.dataplane import DataPlane
 from ..core.errors import MalformedRequestError, ServiceError, UnavailableError, clip
-from ..core.registry import ServedModel
+from ..core.serving import Model
 from ..core.settings import Settings
 from ..core.tracing import Tracing
 from .auth import AccessPolicy
@@ -360,7 +360,7 @@ class InferenceServicer:
         results = {entry.logits_name: logits, entry.embedding_name: embeddings}
         return encode_grpc(entry, parsed, results)
 
-    async def _find(self, context: Any, name: str, version: str) -> ServedModel:
+    async def _find(self, context: Any, name: str, version: str) -> Model:
         try:
             return check_version(self.plane.registry.resolve(name), version)
         except ServiceError as exc:
@@ -410,8 +410,12 @@ async def serve(
     *,
     name: str,
     version: str,
+    shared_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
-    """The gRPC server on `settings.grpc_port`, started on the running loop, and its port."""
+    """The gRPC server on `settings.grpc_port`, started on the running loop, and its port.
+    With `shared_port` (the front-end workers of `--workers N`) every worker binds the port
+    with SO_REUSEPORT and the kernel spreads connections over them; otherwise a port already
+    taken is an error."""
     server = grpc.aio.server(
         interceptors=[TokenInterceptor(access)],
         # Calls past this many at once are refused at once (RESOURCE_EXHAUSTED); with the
@@ -423,7 +427,7 @@ async def serve(
             ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.max_concurrent_streams", GRPC_STREAMS_PER_CONNECTION),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(shared_port)),
         ],
     )
     servicer = InferenceServicer(plane, access, tracing, name=name, version=version)

@@ -24,7 +24,7 @@ from contract.repository import ModelEntry
 
 from ..core.dataplane import DataPlane
 from ..core.errors import ModelNotFoundError
-from ..core.registry import ServedModel
+from ..core.serving import Model
 from ..core.settings import Settings
 from .bodies import Body, held_body
 from .dependencies import Plane
@@ -151,7 +151,7 @@ async def infer_version(request: Request, name: str, version: str, plane: Plane)
     return await infer_answer(request, plane, name, version)
 
 
-def _find(plane: DataPlane, name: str, version: str | None) -> ServedModel:
+def _find(plane: DataPlane, name: str, version: str | None) -> Model:
     return check_version(plane.registry.resolve(name), version)
 
 

@@ -1,6 +1,7 @@
 """The Open Inference Protocol's repository extension over HTTP, mounted only with
 `model_control_mode=explicit` and behind the management token: the routes of
-`ModelControl` (service/core/model_control.py)."""
+`ModelControl` (service/core/model_control.py), or, in a front-end worker, the same calls run by
+the engine process (`RemoteControl`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from ..core.model_control import ModelControl
+from ..core.remote import RemoteControl
 from .http_errors import OIP_PREFIX
 from .responses import JSONResponse
 
 router = APIRouter(prefix=OIP_PREFIX + "/repository", tags=["Model repository (management)"])
 
 
-def _control(request: Request) -> ModelControl:
-    control: ModelControl = request.app.state.model_control
+def _control(request: Request) -> ModelControl | RemoteControl:
+    control: ModelControl | RemoteControl = request.app.state.model_control
     return control
 
 

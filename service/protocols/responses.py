@@ -15,7 +15,7 @@ from starlette import responses
 
 from contract.repository import ModelMetadata
 
-from ..core.registry import ModelState
+from ..core.serving import ModelState
 
 
 class JSONResponse(responses.JSONResponse):

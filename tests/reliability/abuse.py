@@ -65,9 +65,12 @@ class Watch:
 
     @contextlib.contextmanager
     def during(self) -> Iterator[Watch]:
-        pid = self.service.process.pid
-        Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) restarts from now
-        self.rss_before_mb = _status_kb(pid, "VmRSS") / 1024
+        # Every process of the service (its front-end workers too, with --workers N): the peak
+        # is the sum of their peaks, an upper bound of what they held at once.
+        pids = [p.pid for p in self.service.processes()]
+        for pid in pids:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) restarts now
+        self.rss_before_mb = sum(_status_kb(pid, "VmRSS") for pid in pids) / 1024
         stop = threading.Event()
         threads = [
             threading.Thread(target=self._probe, args=(stop,), daemon=True),
@@ -81,7 +84,7 @@ class Watch:
             stop.set()
             for thread in threads:
                 thread.join()
-            self.peak_mb = _status_kb(pid, "VmHWM") / 1024
+            self.peak_mb = sum(_status_kb(pid, "VmHWM") for pid in pids) / 1024
 
     def _probe(self, stop: threading.Event) -> None:
         with httpx.Client(base_url=self.service.url, timeout=120) as client:

@@ -5,6 +5,7 @@ tests, the reliability suite and bench goes through."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 READY_DEADLINE_S = 60.0
+WORKERS_VARIABLE = "TEST_WORKERS"
 T = TypeVar("T")
 
 
@@ -28,13 +30,21 @@ def poll_until(check: Callable[[], T], deadline_s: float, what: str, *, every_s:
     TimeoutError naming `what`); a transport error (nothing listening yet) counts as "not yet"."""
     deadline = time.monotonic() + deadline_s
     while True:
-        with contextlib.suppress(httpx.TransportError):
+        with contextlib.suppress(httpx.TransportError, ConnectionError, TimeoutError):
             value = check()
             if value:
                 return value
         if time.monotonic() >= deadline:
             raise TimeoutError(f"not {what} within {deadline_s} s")
         time.sleep(every_s)
+
+
+def _alive(read: Callable[[], T], default: T) -> T:
+    """`read()` of a process that may have exited meanwhile (then `default`)."""
+    try:
+        return read()
+    except psutil.NoSuchProcess:
+        return default
 
 
 def free_port() -> int:
@@ -74,6 +84,11 @@ class Service:
         command = [sys.executable, "-m", "service", "--model-repository", str(repo)]
         command += ["--host", self.host, "--port", str(self.port), "--no-access-log"]
         command += [] if given else [f"--grpc-port={self.grpc_port}"]
+        # TEST_WORKERS=N runs every service started here with N front-end workers (make
+        # reliability WORKERS=N), unless the flags choose.
+        workers = os.environ.get(WORKERS_VARIABLE)
+        if workers and not any(f.startswith("--workers") for f in flags):
+            command.append(f"--workers={workers}")
         command += flags
         # Only the flags and `env` configure it: none of the caller's RESNET_SERVE_* leak in.
         environment = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_SERVE_")}
@@ -108,29 +123,76 @@ class Service:
         except TimeoutError as exc:
             raise TimeoutError(f"service {exc}:\n{self.log()}") from None
 
+    def processes(self) -> list[psutil.Process]:
+        """The service's processes: this one, and its front-end workers with --workers N."""
+        try:
+            return [self.ps, *self.ps.children()]
+        except psutil.NoSuchProcess:
+            return [self.ps]
+
+    def workers(self) -> list[int]:
+        """The pids of the front-end workers (none with one process)."""
+        return [p.pid for p in self.processes()[1:]]
+
     def rss_mb(self) -> float:
-        return self.ps.memory_info().rss / 2**20
+        return sum(_alive(lambda p=p: p.memory_info().rss, 0) for p in self.processes()) / 2**20
 
     def resources(self) -> dict[str, float]:
-        """What a leak would grow: resident memory, threads, open file descriptors."""
-        with self.ps.oneshot():
-            return {
-                "rss_mb": self.ps.memory_info().rss / 2**20,
-                "threads": self.ps.num_threads(),
-                "fds": self.ps.num_fds(),
-            }
+        """What a leak would grow, over all the service's processes: resident memory, threads,
+        open file descriptors."""
+        totals = {"rss_mb": 0.0, "threads": 0.0, "fds": 0.0}
+        for process in self.processes():
+            with process.oneshot():
+                totals["rss_mb"] += _alive(lambda p=process: p.memory_info().rss, 0) / 2**20
+                totals["threads"] += _alive(process.num_threads, 0)
+                totals["fds"] += _alive(process.num_fds, 0)
+        return totals
+
+    def wait_workers(self, count: int, deadline_s: float = READY_DEADLINE_S) -> list[int]:
+        """Until `count` workers run and each answers on its own; their pids."""
+        workers = poll_until(
+            lambda: len(self.workers()) == count and self.workers(), deadline_s, f"{count} workers"
+        )
+        for pid in workers:
+            poll_until(
+                lambda pid=pid: self.connect_to_worker(pid, timeout_s=2).close() or True,
+                deadline_s,
+                f"worker {pid} serving",
+            )
+        return workers
+
+    def connect_to_worker(self, pid: int, timeout_s: float = 60.0) -> http.client.HTTPConnection:
+        """A keep-alive connection that worker `pid` accepted: the other workers are stopped
+        (SIGSTOP) while it connects and answers one /healthz, then resumed."""
+        others = [w for w in self.workers() if w != pid]
+        for other in others:
+            os.kill(other, signal.SIGSTOP)
+        try:
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
+            connection.request("GET", "/healthz")
+            answer = connection.getresponse()
+            answer.read()
+            if answer.status != 200:
+                raise RuntimeError(f"/healthz on worker {pid}: {answer.status}")
+        finally:
+            for other in others:
+                os.kill(other, signal.SIGCONT)
+        return connection
+
+    def num_fds(self) -> int:
+        return int(sum(_alive(p.num_fds, 0) for p in self.processes()))
 
     def settled_fds(self, at_most: int | None = None, deadline_s: float = 5.0) -> int:
         """Open files once connections that are closing right now are gone: the lowest count
         seen over 0.3 s, or sooner once it is down to `at_most`, or at `deadline_s`."""
-        start, lowest = time.monotonic(), self.ps.num_fds()
+        start, lowest = time.monotonic(), self.num_fds()
         while time.monotonic() - start < deadline_s:
             if at_most is not None and lowest <= at_most:
                 break
             if at_most is None and time.monotonic() - start >= 0.3:
                 break
             time.sleep(0.05)
-            lowest = min(lowest, self.ps.num_fds())
+            lowest = min(lowest, self.num_fds())
         return lowest
 
     def metric(self, name: str, **labels: str) -> float:
