@@ -113,8 +113,9 @@ bench-ablations: venv
 	$(call ABLATE,httpx,,,--client httpx)
 
 # Hostile input, overload, soak, faults, SIGTERM: docs/reliability.md (~3.5 min on 2 cores).
+# WORKERS=N runs every service of it with N front-end workers (--workers N).
 reliability: venv
-	$(BIN)/python -m tests.reliability all --out reliability-results
+	TEST_WORKERS=$(WORKERS) $(BIN)/python -m tests.reliability all --out reliability-results$(if $(WORKERS),-workers$(WORKERS))
 
 # On a host with an NVIDIA GPU and onnxruntime-gpu (README "GPU"): CUDA proof, fp32/fp16 export
 # with parity and gate on the GPU, latency per depth at batch 1/8/32/128, ResNet-50 over HTTP at
@@ -124,4 +125,4 @@ gpu-check:
 	$(BIN)/python -m bench gpu --out bench-results/gpu --images $(PHOTOS) --weights-dir $(WEIGHTS)
 
 clean:
-	rm -rf $(REPO) bench-results reliability-results
+	rm -rf $(REPO) bench-results reliability-results*

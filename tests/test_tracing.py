@@ -132,11 +132,15 @@ class _Receiver:
         self.server.start()
 
 
-def test_the_service_sends_spans_to_an_otlp_endpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_service_sends_spans_to_an_otlp_endpoint(tmp_path: Path, workers: int) -> None:
+    """With front-end workers too: the batch and inference spans come from the engine
+    process's timings, sent back with each answer."""
     receiver = _Receiver()
     write_tiny(tmp_path / "repo", "tiny")
     endpoint = f"http://127.0.0.1:{receiver.port}"
-    with Service(tmp_path / "repo", tmp_path / "log", f"--otlp-endpoint={endpoint}") as service:
+    flags = (f"--otlp-endpoint={endpoint}", f"--workers={workers}")
+    with Service(tmp_path / "repo", tmp_path / "log", *flags) as service:
         service.wait_ready()
         import httpx
 

@@ -62,9 +62,13 @@ class Watch:
     legit_statuses: Counter[int] = field(default_factory=Counter)
     rss_before_mb: float = 0.0
     peak_mb: float = 0.0
+    warm_ups: int = 0  # legitimate requests sent before the attack, one per process
 
     @contextlib.contextmanager
     def during(self) -> Iterator[Watch]:
+        # Every process has served a legitimate request before the peak is reset: what a
+        # process allocates for its first request is not the attack's.
+        self.service.on_each_worker(self._warm_up)
         # Every process of the service (its front-end workers too, with --workers N): the peak
         # is the sum of their peaks, an upper bound of what they held at once.
         pids = [p.pid for p in self.service.processes()]
@@ -85,6 +89,12 @@ class Watch:
             for thread in threads:
                 thread.join()
             self.peak_mb = sum(_status_kb(pid, "VmHWM") for pid in pids) / 1024
+
+    def _warm_up(self) -> None:
+        with httpx.Client(base_url=self.service.url, timeout=120) as client:
+            self.legit(client)
+            client.get("/healthz")
+        self.warm_ups += 1
 
     def _probe(self, stop: threading.Event) -> None:
         with httpx.Client(base_url=self.service.url, timeout=120) as client:
@@ -111,6 +121,7 @@ class Watch:
             "healthz_p50_ms": round(probes[len(probes) // 2] * 1000, 1),
             "healthz_probes": len(self.healthz_s),
             "legit": dict(self.legit_statuses),
+            "warm_ups": self.warm_ups,
             "rss_before_mb": round(self.rss_before_mb, 1),
             "peak_growth_mb": round(self.peak_mb - self.rss_before_mb, 1),
         }

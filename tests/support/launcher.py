@@ -161,6 +161,20 @@ class Service:
             )
         return workers
 
+    def on_each_worker(self, call: Callable[[], object]) -> None:
+        """`call()` once per front-end worker, the others stopped (SIGSTOP) meanwhile, so that
+        the new connections it opens go to that worker; just once with one process."""
+        workers = self.workers()
+        for pid in workers or [None]:
+            others = [w for w in workers if w != pid]
+            for other in others:
+                os.kill(other, signal.SIGSTOP)
+            try:
+                call()
+            finally:
+                for other in others:
+                    os.kill(other, signal.SIGCONT)
+
     def connect_to_worker(self, pid: int, timeout_s: float = 60.0) -> http.client.HTTPConnection:
         """A keep-alive connection that worker `pid` accepted: the other workers are stopped
         (SIGSTOP) while it connects and answers one /healthz, then resumed."""
