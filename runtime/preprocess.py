@@ -9,6 +9,13 @@ it decodes and resizes.
 
 Alpha is dropped, keeping the stored colour under it, rather than composited onto a background:
 that is what `Image.convert("RGB")` in torchvision's `ImageFolder` loader did at training time.
+
+Small plain PNGs (8-bit RGB or RGBA, no EXIF, no transparency key: `plain_png_size`), which
+`probe` finds for callers that decode small images on their event loop, are decoded by libspng
+(pyspng) instead of Pillow: a PNG's pixels are exact whichever decoder reads them, and for a
+32x32 CIFAR image it takes a third of the time (decoding and normalizing: 46 against 143 us on
+the CI machine). Larger images stay with Pillow, which releases the GIL while it decodes in a
+thread (libspng's binding does not). Everything after decoding is the same code.
 """
 
 from __future__ import annotations
@@ -16,9 +23,12 @@ from __future__ import annotations
 import functools
 import io
 import math
+import struct
 import threading
+from dataclasses import dataclass
 
 import numpy as np
+import pyspng
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from contract.preprocessing import Preprocessing
@@ -70,10 +80,55 @@ class PixelBudget:
             self.left -= pixels
 
 
-def probe(data: bytes, max_pixels: int) -> Image.Image | None:
-    """The image, opened but not decoded (its header read), when it has at most `max_pixels`
-    pixels and an accepted format; None otherwise (the full path then gives the right answer).
-    For callers that decode small images where they are rather than in a thread."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_CHUNK = struct.Struct(">I4s")
+_IHDR = struct.Struct(">IIBB")  # width, height, bit depth, colour type
+# Chunks that change nothing of what Pillow's path makes of an 8-bit RGB or RGBA image (Pillow
+# applies no gamma or colour profile). Any other chunk (eXIf and text chunks, which can carry an
+# EXIF orientation; tRNS; private ones) sends the image down Pillow's path.
+_PLAIN_CHUNKS = frozenset(
+    {
+        *(b"IHDR", b"PLTE", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB"),
+        *(b"iCCP", b"sBIT", b"pHYs", b"bKGD", b"tIME", b"sPLT", b"hIST"),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PlainPng:
+    """A PNG that `plain_png_size` accepted, and its size."""
+
+    width: int
+    height: int
+
+
+def plain_png_size(data: bytes) -> PlainPng | None:
+    """The size of a PNG whose pixels libspng decodes exactly as Pillow's path does: 8-bit RGB
+    or RGBA, every chunk up to IEND one of `_PLAIN_CHUNKS`; None for anything else."""
+    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour = _IHDR.unpack_from(data, 16)
+    if depth != 8 or colour not in (2, 6) or not width or not height:
+        return None
+    offset, end = 8, len(data)
+    while offset + 8 <= end:
+        length, kind = _CHUNK.unpack_from(data, offset)
+        if kind not in _PLAIN_CHUNKS:
+            return None
+        if kind == b"IEND":
+            return PlainPng(width, height)
+        offset += 12 + length
+    return None  # truncated: Pillow's path says what is wrong
+
+
+def probe(data: bytes, max_pixels: int) -> Image.Image | PlainPng | None:
+    """The image's header (a plain PNG's size, or the image opened but not decoded) when it has
+    at most `max_pixels` pixels and an accepted format; None otherwise (the full path then gives
+    the right answer). For callers that decode small images where they are rather than in a
+    thread."""
+    plain = plain_png_size(data)
+    if plain is not None:
+        return plain if plain.width * plain.height <= max_pixels else None
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Exception:
@@ -223,16 +278,22 @@ def preprocess_into(
     max_pixels: int,
     dct_scaling: bool = False,
     budget: PixelBudget | None = None,
-    opened: Image.Image | None = None,
+    opened: Image.Image | PlainPng | None = None,
 ) -> None:
     """Decode one encoded image and write the model's input for it into `out` [3, crop, crop]."""
+    if isinstance(opened, PlainPng):  # from `probe`: small, decoded where the caller is
+        pixels = _plain_png(data, opened, prep, max_pixels, budget)
+        if pixels is not None:
+            normalize_into(pixels, prep, out)
+            return
+        budget = None  # taken already; Pillow's path now says what is wrong with the image
     image = decode(
         data,
         min_shorter_side=prep.resize_shorter,
         max_pixels=max_pixels,
         dct_scaling=dct_scaling,
         budget=budget,
-        opened=opened,
+        opened=opened if isinstance(opened, Image.Image) else None,
     )
     try:
         image = resize_and_crop(image, prep)
@@ -242,3 +303,33 @@ def preprocess_into(
     except Exception as exc:  # pixels that only fail once decoded (truncated data)
         raise UndecodableImageError(f"not a decodable image: {exc}") from None
     normalize_into(pixels, prep, out)
+
+
+def _plain_png(
+    data: bytes, size: PlainPng, prep: Preprocessing, max_pixels: int, budget: PixelBudget | None
+) -> np.ndarray | None:
+    """A plain PNG's model-sized RGB pixels, decoded by libspng; None when libspng refuses it
+    (after the size checks, which are the same as on Pillow's path)."""
+    pixels_in = size.width * size.height
+    if pixels_in > max_pixels:
+        raise OversizedImageError(
+            f"image is {size.width}x{size.height} = {pixels_in} pixels; the limit is {max_pixels}"
+        )
+    if budget is not None:
+        budget.take(pixels_in)
+    try:
+        pixels = pyspng.load(data)
+    except MemoryError:
+        raise
+    except Exception:  # corrupt data: Pillow's path names the problem
+        return None
+    if pixels.ndim != 3 or pixels.shape[:2] != (size.height, size.width):
+        return None
+    pixels = pixels[:, :, :3]
+    if (
+        (size.width, size.height)
+        == (prep.crop, prep.crop)
+        == resized_size(*pixels.shape[1::-1], prep)
+    ):
+        return pixels  # already the model's size: nothing to resize or crop
+    return np.asarray(resize_and_crop(Image.fromarray(pixels), prep), dtype=np.uint8)

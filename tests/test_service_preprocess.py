@@ -8,19 +8,23 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from contract.preprocessing import CIFAR, IMAGENET, Preprocessing
 from runtime.preprocess import (
     OversizedImageError,
+    PlainPng,
     UndecodableImageError,
     decode,
     normalize_into,
+    plain_png_size,
     preprocess_into,
+    probe,
     resize_all_then_crop,
     resize_and_crop,
 )
 
-from .conftest import PHOTOS, normalize_cifar, require
+from .conftest import PHOTOS, SAMPLES, normalize_cifar, require
 from .reliability.hostile import png_bomb
 from .support.images import encode, encode_image
 
@@ -229,3 +233,68 @@ def test_cifar_images_upscaled_to_jpegs_give_torchvisions_input_exactly(
         reference = np.empty((3, 32, 32), dtype=np.float32)
         normalize_into(expected, CIFAR, reference)
         np.testing.assert_array_equal(preprocess(data, CIFAR), reference)
+
+
+def _png(pixels: np.ndarray, *chunks: tuple[bytes, bytes], **options: object) -> bytes:
+    info = PngInfo()
+    for kind, data in chunks:
+        info.add(kind, data)
+    return encode_image(Image.fromarray(pixels), "PNG", pnginfo=info, **options)
+
+
+def _rotated() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return exif
+
+
+def _both_paths(data: bytes, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """(small images' path, from `probe`; Pillow's path) for the same bytes."""
+    fast, pillow = (np.empty((3, prep.crop, prep.crop), dtype=np.float32) for _ in range(2))
+    preprocess_into(data, prep, fast, max_pixels=MAX_PIXELS, opened=probe(data, 64 * 64))
+    preprocess_into(data, prep, pillow, max_pixels=MAX_PIXELS)
+    return fast, pillow
+
+
+def test_plain_small_pngs_are_decoded_by_libspng_to_exactly_pillows_input() -> None:
+    """The CIFAR samples, RGBA, chunks Pillow ignores for pixels (gamma, physical size, time),
+    and sizes that are resized and cropped: libspng's pixels and Pillow's give the same input."""
+    rng = np.random.default_rng(7)
+    cases = [path.read_bytes() for path in sorted(require(SAMPLES).glob("*.png"))]
+    cases += [
+        _png(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)),  # alpha dropped
+        _png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), (b"gAMA", b"\x00\x00\xb1\x8f")),
+        _png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), dpi=(300, 300)),
+        _png(rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)),  # resized, then cropped
+        _png(rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)),  # upscaled
+    ]
+    for data in cases:
+        assert isinstance(probe(data, 64 * 64), PlainPng), data[:64]
+        fast, pillow = _both_paths(data, CIFAR)
+        assert np.array_equal(fast, pillow)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode(np.zeros((8, 8), dtype=np.uint8)),  # grey
+        encode_image(Image.new("P", (8, 8))),  # palette
+        encode_image(Image.new("I;16", (8, 8))),  # 16 bits
+        _png(np.zeros((8, 8, 3), dtype=np.uint8), transparency=(0, 0, 0)),
+        _png(np.zeros((8, 8, 3), dtype=np.uint8), (b"tEXt", b"Comment\x00hello")),
+        encode_image(two_colour_image(8, 4), "PNG", exif=_rotated()),
+    ],
+    ids=["grey", "palette", "16-bit", "transparency key", "text", "exif orientation"],
+)
+def test_other_pngs_take_pillows_path(data: bytes) -> None:
+    assert plain_png_size(data) is None
+    assert isinstance(probe(data, 64 * 64), Image.Image)
+
+
+def test_a_corrupt_plain_png_gets_pillows_error() -> None:
+    data = bytearray(_png(np.zeros((8, 8, 3), dtype=np.uint8)))
+    start = data.index(b"IDAT") + 4
+    data[start : start + 8] = b"\xff" * 8  # the compressed pixels, broken
+    assert isinstance(probe(bytes(data), 64 * 64), PlainPng)
+    with pytest.raises(UndecodableImageError):
+        _both_paths(bytes(data), CIFAR)

@@ -24,7 +24,13 @@ from PIL import Image
 from contract.cpu import usable_cores
 from contract.repository import ModelEntry
 from runtime.gpu_decode import image_preprocessor
-from runtime.preprocess import OversizedImageError, PixelBudget, UndecodableImageError, probe
+from runtime.preprocess import (
+    OversizedImageError,
+    PixelBudget,
+    PlainPng,
+    UndecodableImageError,
+    probe,
+)
 
 from .budget import ByteBudget
 from .errors import (
@@ -163,7 +169,7 @@ class DataPlane:
         blob: bytes,
         out: np.ndarray,
         budget: PixelBudget,
-        opened: Image.Image | None = None,
+        opened: Image.Image | PlainPng | None = None,
     ) -> None:
         start = time.monotonic()
         try:
