@@ -55,6 +55,7 @@ from .core.engine_host import EngineHost, WorkerConnection
 from .core.metrics import Metrics, enable_multiprocess, forget_process
 from .core.model_control import ModelControl
 from .core.registry import ModelRegistry
+from .core.remote import worker_images
 from .core.settings import Settings
 
 log = logging.getLogger("service.engine")
@@ -94,13 +95,14 @@ def reserved_port(host: str, port: int) -> socket.socket:
 
 
 def arena_bytes(entries: list[ModelEntry], settings: Settings) -> int:
-    """One worker's shared memory: a full queue of the largest model's images and outputs
-    (pages are only taken when written)."""
+    """One worker's shared memory: the images it may have admitted at once (a full queue and a
+    running batch, `worker_images`), at the largest model's size, with their outputs (pages are
+    only taken when written)."""
     per_image = max(
         [MIN_IMAGE_BYTES]
         + [4 * (int(np.prod(e.input_shape)) + e.num_classes + e.embedding_dim) for e in entries]
     )
-    return settings.max_queue_images * per_image + 2**20
+    return worker_images(settings) * per_image + 2**20
 
 
 class EngineProcess:

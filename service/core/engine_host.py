@@ -3,8 +3,9 @@ one registry (engines, batchers) of this process.
 
 Each worker is attached with its end of a socketpair and its shared-memory arena
 (service/core/ipc.py). A request arrives as ADMIT (room in its model's queue: the batcher's own
-ticket, so the queue bound and the max-delay policy cover every worker's images together) and
-RUN (its images are in the arena: they join the batcher's queue, and the batch writes their
+ticket, so the queue bound and the max-delay policy cover every worker's images together;
+answered ADMITTED, after which the worker decodes) and RUN (its images are in the arena: they
+join the batcher's queue, and the batch writes their
 outputs straight back into the arena); it ends in exactly one DONE or FAILED, also when the
 worker cancels it (CANCEL) or is gone. No task is made per request: the batcher's future
 carries it to its answer.
@@ -203,6 +204,7 @@ class WorkerConnection:
             ticket.trace = BatchRecord(tracer=None)
         model.acquire()  # this version stays until the request is answered
         self.requests[request] = _Request(model, ticket)
+        self.channel.send(ipc.ADMITTED, ipc.ID.pack(request))
 
     def _run(self, request: int, images: int, inputs: int, outputs: int) -> None:
         pending = self.requests.get(request)

@@ -17,8 +17,11 @@ Requests (worker -> engine), one request id per inference request of the worker:
     READY                                               the worker serves its ports now
 
 Answers (engine -> worker): exactly one DONE or FAILED per ADMIT, however the request ends, so
-a worker frees an arena region only once the engine process can no longer write into it:
+a worker frees an arena region only once the engine process can no longer write into it; and
+ADMITTED before it, once the images have room in the queue, which the worker waits for before it
+decodes anything (a request refused for a full queue costs no decoding, as with one process):
 
+    ADMITTED   id
     DONE       id, the batches that ran it (for tracing)
     FAILED     id, Retry-After, error code, message
     CONTROLLED id, JSON
@@ -48,7 +51,7 @@ log = logging.getLogger(__name__)
 # Message kinds. HELLO: the engine process's first message to a worker, its settings.
 HELLO = 0
 ADMIT, RUN, CANCEL, CONTROL, READY = 1, 2, 3, 4, 5
-DONE, FAILED, CONTROLLED, STATE = 11, 12, 13, 14
+DONE, FAILED, CONTROLLED, STATE, ADMITTED = 11, 12, 13, 14, 15
 
 _FRAME = struct.Struct("<IB")
 ADMIT_HEAD = struct.Struct("<IIIB")  # id, images, version, traced; then the model's name

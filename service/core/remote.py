@@ -48,6 +48,7 @@ class EngineLink:
         self.alive = False
         self._first_state: asyncio.Future[None] | None = None
         self._tickets: dict[int, RemoteTicket] = {}
+        self.images = 0  # of requests admitted here and not answered yet, all models
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
 
@@ -78,7 +79,11 @@ class EngineLink:
             self._calls.pop(request, None)
 
     def _received(self, kind: int, payload: bytes) -> None:
-        if kind == ipc.DONE:
+        if kind == ipc.ADMITTED:
+            admitted = self._tickets.get(ipc.ID.unpack(payload)[0])
+            if admitted is not None and not admitted.admitted.done():
+                admitted.admitted.set_result(None)
+        elif kind == ipc.DONE:
             request, runs = ipc.unpack_done(payload)
             ticket = self._tickets.pop(request, None)
             if ticket is not None:
@@ -124,6 +129,12 @@ class EngineLink:
             self.on_lost()
 
 
+def worker_images(settings: Settings) -> int:
+    """The most images one worker has admitted and not answered at once: a full queue and a
+    batch running (its arena is sized for them)."""
+    return settings.max_queue_images + settings.max_batch_size
+
+
 class RemoteTicket:
     """Room for `size` images of one request in the engine process's queue of its model, and
     their region of this worker's arena: inputs [size, *input_shape], then logits and
@@ -134,7 +145,9 @@ class RemoteTicket:
         self.request = link.next_id()
         entry = model.entry
         self._input_bytes = 4 * size * math.prod(entry.input_shape)
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.admitted: asyncio.Future[None] = loop.create_future()  # room in the queue
+        self._done: asyncio.Future[None] = loop.create_future()
         self._answered = False
         self._closed = False
         self._sent_run = False
@@ -179,6 +192,13 @@ class RemoteTicket:
         """The engine process's last word on this request: from now on nothing writes into
         its region."""
         self._answered = True
+        self._link.images -= self.size
+        if not self.admitted.done():
+            if error is None:
+                self.admitted.set_result(None)
+            else:
+                self.admitted.set_exception(error)
+                self.admitted.exception()
         if not self._done.done():
             if error is None:
                 if self.trace is not None:
@@ -210,6 +230,7 @@ class RemoteBatcher:
     def __init__(self, link: EngineLink, model: RemoteModel, settings: Settings) -> None:
         self._link, self._model = link, model
         self._max_queue_images = settings.max_queue_images
+        self._most_images = worker_images(settings)
         self._retry_after_s = settings.retry_after_s
 
     def ensure_room(self, count: int) -> None:
@@ -230,6 +251,12 @@ class RemoteBatcher:
     async def admit(self, count: int) -> AsyncIterator[RemoteTicket]:
         link, model = self._link, self._model
         self.ensure_room(count)
+        if link.images + count > self._most_images:  # more than the engine could hold anyway
+            raise QueueFullError(
+                f"model {model.entry.name}: this worker has {link.images} images waiting, "
+                f"{count} more would exceed max_queue_images + max_batch_size",
+                retry_after_s=self._retry_after_s,
+            )
         offset = link.arena.alloc(RemoteTicket.region_bytes(model.entry, count))
         if offset is None:
             raise QueueFullError(
@@ -238,6 +265,7 @@ class RemoteBatcher:
             )
         ticket = RemoteTicket(link, model, count, offset)
         link._tickets[ticket.request] = ticket
+        link.images += count
         entry = model.entry
         try:
             link.send(
@@ -248,9 +276,11 @@ class RemoteBatcher:
             )
         except ServiceError:
             link._tickets.pop(ticket.request, None)
+            link.images -= count
             link.arena.free(offset)
             raise
         try:
+            await ticket.admitted  # nothing is decoded for a request the queue refuses
             yield ticket
         finally:
             ticket.close()

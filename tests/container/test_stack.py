@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -130,6 +131,10 @@ def stack() -> Iterator[Stack]:
         EXPORT_PRETRAINED="never",
         CALIBRATION_DIR=str(empty),
         RESNET_SERVE_MAX_QUEUE_IMAGES="4096",
+        # Two front-end workers and the engine process: every test below, the crash and the
+        # stop under load included, runs the multi-process service (the swarm stack and the
+        # rest of the suite run one process).
+        RESNET_SERVE_WORKERS="2",
     )
     stack = Stack(port, grpc_port, env)
     stack.compose("down", "-v", "--remove-orphans")  # what an interrupted earlier run left
@@ -163,6 +168,16 @@ def test_ready_and_serving_the_shipped_trained_model(stack: Stack) -> None:
     assert model["name"] == MODEL
     assert model["metadata"]["weights"]["trained"] is True
     assert model["metadata"]["weights"]["source"].endswith("resnet20-12fca82f.th")
+
+
+def test_one_engine_process_and_two_front_end_workers_run_in_the_container(stack: Stack) -> None:
+    top = subprocess.run(
+        [docker(), "top", stack.api_container(), "-eo", "pid,args"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()[1:]  # fmt: skip
+    engines = [line for line in top if re.search(r"-m service(\s|$)", line)]
+    workers = [line for line in top if "-m service.worker" in line]
+    assert (len(engines), len(workers)) == (1, 2), top
 
 
 def test_without_calibration_images_the_export_says_in_one_line_what_is_missing(
@@ -409,7 +424,9 @@ def test_a_crash_under_load_is_restarted_by_the_restart_policy(stack: Stack) -> 
         [docker(), "top", stack.api_container(), "-eo", "pid,args"],
         capture_output=True, text=True, check=True,
     ).stdout.splitlines()[1:]  # fmt: skip
-    (pid,) = [int(line.split()[0]) for line in top if "-m service" in line]
+    # The engine process (`-m service`; its workers run `-m service.worker`): its death takes
+    # the workers with it, and the container exits.
+    (pid,) = [int(line.split()[0]) for line in top if re.search(r"-m service(\s|$)", line)]
     with Load(stack.url) as load:
         load.wait_for(20)
         killed = time.monotonic()

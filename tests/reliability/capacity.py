@@ -85,6 +85,7 @@ def soak(
         return target.request(index, images=rng.randint(1, 4)), 200
 
     service = target.service
+    target.warm_each_process()
     idle_before = {**service.resources(), "fds": service.settled_fds()}
     samples: list[tuple[float, dict[str, float]]] = []
     start = time.monotonic()

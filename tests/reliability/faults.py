@@ -184,6 +184,7 @@ def disconnects(target: Target, clients: int = 8) -> dict[str, Any]:
     when they go."""
     service, model = target.service, target.model
     inferred = "resnet_serve_batch_size_images_sum"
+    target.warm_each_process()
     before = {
         "images": service.metric(inferred, model=model),
         "closed": service.metric("resnet_serve_requests_total", model=model, status="499"),

@@ -385,6 +385,21 @@ class Target:
         service = self.service
         return await send_on_new_connection(service.host, service.port, request, **options)
 
+    def warm_each_process(self) -> None:
+        """One answered request, one refused and one of each endpoint through every process of
+        the service (each front-end worker, with --workers N): what a process sets up for its
+        first requests (metric files among them) is not counted as growth afterwards."""
+
+        def warm() -> None:
+            for request in (
+                self.request(0),
+                self.request(0, endpoint="embed"),
+                self.request(0, model="no-such-model"),
+            ):
+                asyncio.run(self.send(request))
+
+        self.service.on_each_worker(warm)
+
     async def closed_loop(
         self,
         concurrency: int,
