@@ -12,8 +12,9 @@ decode pool -> batch -> outputs; post-processing (`postprocess`) is the adapters
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -55,7 +56,9 @@ DEFAULT_TOP_K = 5
 INLINE_PIXELS = 64 * 64
 STALE_ATTEMPTS = 3
 T = TypeVar("T")
-Disconnected = Callable[[], Awaitable[object]]
+# A client's disconnect, as the protocol adapter knows it: `watch(callback)` calls `callback` once
+# the client has gone, until the function it returns is called.
+Watch = Callable[[Callable[[], None]], Callable[[], None]]
 
 
 class DataPlane:
@@ -68,11 +71,21 @@ class DataPlane:
         )
         self._pillow = settings.jpeg_decoder == "pillow"  # small images decode inline
         self._decode_pool: ThreadPoolExecutor | None = None
+        self._series: dict[tuple[Any, ...], Any] = {}
         self.bodies = ByteBudget(
             settings.max_inflight_bytes,
             retry_after_s=settings.retry_after_s,
             gauge=metrics.inflight_bytes,
         )
+
+    def series(self, metric: Any, *labels: object) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set (models, endpoints and
+        statuses are few): prometheus_client's own lookup takes a lock and builds keys."""
+        key = (metric, *labels)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*(str(label) for label in labels))
+        return child
 
     def start(self) -> None:
         workers = self.settings.decode_workers or usable_cores()
@@ -85,7 +98,7 @@ class DataPlane:
 
     @asynccontextmanager
     async def request(
-        self, name: str | None, endpoint: str, *, disconnected: Disconnected | None = None
+        self, name: str | None, endpoint: str, *, disconnected: Watch | None = None
     ) -> AsyncIterator[Call]:
         """One inference request: resolves its model, enforces readiness and the timeout, stops
         working for it once `disconnected()` completes (its client has gone: 499) or once the
@@ -94,11 +107,11 @@ class DataPlane:
         try:
             model = self.registry.resolve(name)
         except ServiceError as exc:
-            self.metrics.requests.labels("", endpoint, str(exc.status)).inc()
+            self.series(self.metrics.requests, "", endpoint, exc.status).inc()
             raise
         label, start, status = model.entry.name, time.monotonic(), 500
         annotate_model(label, model.entry.version)
-        in_flight = self.metrics.in_flight.labels(label)
+        in_flight = self.series(self.metrics.in_flight, label)
         in_flight.inc()
         timeout = asyncio.timeout(self.settings.request_timeout_ms / 1000.0)
         try:
@@ -127,40 +140,59 @@ class DataPlane:
             raise
         finally:
             in_flight.dec()
-            self.metrics.requests.labels(label, endpoint, str(status)).inc()
-            self.metrics.request_latency.labels(label, endpoint).observe(time.monotonic() - start)
+            self.series(self.metrics.requests, label, endpoint, status).inc()
+            self.series(self.metrics.request_latency, label, endpoint).observe(
+                time.monotonic() - start
+            )
 
     async def decode(self, model: Model, blobs: Sequence[bytes], images: np.ndarray) -> None:
         """Each encoded image's model input written into its row of `images`: small images
         (at most INLINE_PIXELS, such as CIFAR's 32x32) right here, where decoding them costs
-        less than handing them to a thread and back; the others in the decode pool. Returns
-        (or raises, or is cancelled) only once no thread writes into `images` any more: it may
-        be shared memory that is reused once this request ends."""
+        less than handing them to a thread and back; the others in the decode pool. Once this
+        returns, raises or is cancelled, no thread writes into `images` any more (`_Rows`): it
+        may be shared memory that another request uses next."""
         loop = asyncio.get_running_loop()
         budget = PixelBudget(self.settings.max_request_pixels)
-        jobs = []
-        for index, (blob, out) in enumerate(zip(blobs, images, strict=True)):
-            small = probe(blob, INLINE_PIXELS) if self._pillow else None
-            if small is not None:
-                self._preprocess(model, index, blob, out, budget, small)
-            else:
-                jobs.append(
-                    loop.run_in_executor(
-                        self._decode_pool, self._preprocess, model, index, blob, out, budget
+        rows = _Rows()
+        jobs: list[asyncio.Future[None]] = []
+        try:
+            for index, (blob, out) in enumerate(zip(blobs, images, strict=True)):
+                small = probe(blob, INLINE_PIXELS) if self._pillow else None
+                if small is not None:
+                    self._preprocess(model, index, blob, out, budget, small)
+                else:
+                    job = loop.run_in_executor(
+                        self._decode_pool, self._decode_row, model, index, blob, out, budget, rows
                     )
-                )
-        if jobs:
-            try:
-                results = await asyncio.gather(*jobs, return_exceptions=True)
-            except asyncio.CancelledError:
-                for job in jobs:
-                    job.cancel()  # those not started yet
-                # A thread cannot be stopped: wait out those decoding now (milliseconds).
-                await asyncio.shield(asyncio.wait(jobs))
-                raise
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+                    job.add_done_callback(_seen)
+                    jobs.append(job)
+            if jobs:
+                await asyncio.wait(jobs)
+                for job in jobs:  # the first failure, in image order
+                    job.result()
+        finally:
+            rows.close()
+            for job in jobs:
+                job.cancel()  # those not started yet
+
+    def _decode_row(
+        self,
+        model: Model,
+        index: int,
+        blob: bytes,
+        out: np.ndarray,
+        budget: PixelBudget,
+        rows: _Rows,
+    ) -> None:
+        """In a decode thread: decode into a buffer of its own, then copy it into the request's
+        row while the request still wants it."""
+        if not rows.open:
+            return
+        row = np.empty_like(out)
+        self._preprocess(model, index, blob, row, budget)
+        with rows.lock:
+            if rows.open:
+                out[...] = row
 
     def _preprocess(
         self,
@@ -186,14 +218,38 @@ class DataPlane:
             raise InvalidImageError(f"image {index}: {exc}") from None
         except OversizedImageError as exc:
             raise ImageTooLargeError(f"image {index}: {exc}") from None
-        self.metrics.preprocess_latency.labels(model.entry.name).observe(time.monotonic() - start)
+        self.series(self.metrics.preprocess_latency, model.entry.name).observe(
+            time.monotonic() - start
+        )
+
+
+class _Rows:
+    """Whether a request still takes rows from its decode threads: `close` (the request decoded
+    everything, failed or gave up) waits at most for a row being copied now, and no row is
+    written after it."""
+
+    __slots__ = ("lock", "open")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open = True
+
+    def close(self) -> None:
+        with self.lock:
+            self.open = False
+
+
+def _seen(job: asyncio.Future[None]) -> None:
+    """Retrieve a decode job's failure, also when its request no longer waits for it."""
+    if not job.cancelled():
+        job.exception()
 
 
 class Call:
     """What one request may ask of its model: admit -> decode -> batch, in one direction. Every
     method stops at once when the client disconnects."""
 
-    def __init__(self, plane: DataPlane, model: Model, disconnected: Disconnected | None) -> None:
+    def __init__(self, plane: DataPlane, model: Model, disconnected: Watch | None) -> None:
         assert model.batcher is not None
         self._plane, self.model = plane, model
         self._batcher: Queue = model.batcher
@@ -270,7 +326,8 @@ class Call:
 
     def _count(self, images: int) -> None:
         """Images sent to inference: counted once admitted and decoded, never when refused."""
-        self._plane.metrics.images.labels(self.entry.name).inc(images)
+        plane = self._plane
+        plane.series(plane.metrics.images, self.entry.name).inc(images)
 
     async def _unless_disconnected(self, work: Coroutine[Any, Any, T]) -> T:
         if self._disconnected is None:
@@ -278,21 +335,21 @@ class Call:
         return await unless_disconnected(self._disconnected, work)
 
 
-async def unless_disconnected(disconnected: Disconnected, work: Coroutine[Any, Any, T]) -> T:
-    """The result of `work` (awaited in this task), or ClientDisconnectedError as soon as
-    `disconnected()` returns: a watcher task then cancels this one, so that `work` stops where it
-    is and its images still waiting for a batch are dropped."""
+async def unless_disconnected(watch: Watch, work: Coroutine[Any, Any, T]) -> T:
+    """The result of `work` (awaited in this task), or ClientDisconnectedError as soon as the
+    client has gone: the watch then cancels this task, so that `work` stops where it is and its
+    images still waiting for a batch are dropped."""
     task = asyncio.current_task()
     assert task is not None
     gone = False
 
-    async def watch() -> None:
+    def cancel() -> None:
         nonlocal gone
-        await disconnected()
-        gone = True
-        task.cancel()
+        if not task.done():
+            gone = True
+            task.cancel()
 
-    watcher = asyncio.get_running_loop().create_task(watch())
+    unwatch = watch(cancel)
     try:
         return await work
     except asyncio.CancelledError:
@@ -301,4 +358,4 @@ async def unless_disconnected(disconnected: Disconnected, work: Coroutine[Any, A
         task.uncancel()
         raise ClientDisconnectedError("client disconnected before its answer was ready") from None
     finally:
-        watcher.cancel()
+        unwatch()

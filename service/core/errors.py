@@ -95,6 +95,12 @@ class QueueFullError(UnavailableError):
     code = "queue_full"
 
 
+class TooManyConnectionsError(UnavailableError):
+    """More connections or requests at once than max_connections (per front-end process)."""
+
+    code = "too_many_connections"
+
+
 class StaleVersionError(UnavailableError):
     """A front-end worker named a model version the engine process no longer serves (it was
     swapped out a moment before); the data plane retries on the new version."""

@@ -133,7 +133,8 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(
         defaults.MAX_DELAY_MS,
         ge=0,
-        description="how long a batch waits for more images after its first one",
+        description="the longest a batch waits, after its first image, for images of admitted "
+        "requests still being decoded (a batch starts at once when none are on their way)",
     )
     max_queue_images: int = Field(
         512,

@@ -108,6 +108,7 @@ def create_app(
         default_response_class=JSONResponse,
     )
     app.fast_lane = FastLane(plane, access, tracing)  # the hot routes, before FastAPI's stack
+    app.retry_after_s = settings.retry_after_s
     app.state.plane, app.state.access, app.state.tracing = plane, access, tracing
     app.state.model_control, app.state.grpc_port = control, None
     install_offline_docs(app)  # Swagger UI and ReDoc from this install, not a CDN

@@ -22,10 +22,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..core.dataplane import DataPlane
-from ..core.errors import InvalidParameterError, ServiceError, clip
+from ..core.errors import InvalidParameterError, ServiceError, TooManyConnectionsError, clip
 from .auth import AccessPolicy, BearerAuth
 from .http import classify_answer, embed_answer
-from .http_errors import service_error_answer, unexpected_error_answer
+from .http_errors import error_response, service_error_answer, unexpected_error_answer
+from .http_server import OVER_LIMIT
 from .http_tracing import TracingMiddleware
 from .oip_http import infer_answer
 
@@ -122,11 +123,26 @@ def _oip(path: str) -> tuple[str | None, str | None]:
 
 
 class ServiceApp(FastAPI):
-    """FastAPI, with the hot routes taken by the `FastLane` before its middleware stack."""
+    """FastAPI, with the hot routes taken by the `FastLane` before its middleware stack, and
+    requests past max_connections answered 503 before anything else."""
 
     fast_lane: FastLane | None = None
+    retry_after_s = 1
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        extensions = scope.get("extensions")
+        if extensions and OVER_LIMIT in extensions:
+            refused = TooManyConnectionsError(
+                f"more than max_connections={extensions[OVER_LIMIT]} connections or requests "
+                "at once",
+                retry_after_s=self.retry_after_s,
+            )
+            headers = {**refused.headers, "Connection": "close"}
+            answer = error_response(
+                Request(scope), refused.status, refused.code, refused.message, headers
+            )
+            await answer(scope, receive, send)
+            return
         lane = self.fast_lane
         if lane is not None and FastLane.takes(scope):
             await lane.app(scope, receive, send)

@@ -9,7 +9,11 @@ head (size and time), a cap on connections, and a drain on SIGTERM.
 - uvicorn arms no timer until a connection's first response, so a head that never completes
   would hold its connection forever: the protocol closes a connection whose request head is not
   complete `request_head_timeout_ms` after it opened (or after its last response).
-- `max_connections` (uvicorn's `limit_concurrency`): past it, new requests get 503.
+- `max_connections`: past it (connections, or requests in progress), a new request gets 503
+  with Retry-After and the service's JSON error body (`OVER_LIMIT`), not uvicorn's plain one.
+- A lost connection tells the request it carried at once (the ASGI scope extension of
+  service/protocols/disconnect.py), so that the data plane stops working for it without a task
+  per request waiting for `http.disconnect`.
 - `DrainingServer`: on the first SIGTERM /readyz turns 503; after `drain_delay_ms` the listener
   closes and accepted requests finish.
 """
@@ -28,11 +32,15 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..core.serving import Models
 from ..core.settings import Settings
+from .disconnect import DISCONNECT_EXTENSION
 
 ACCEPTED_GRACE_S = 0.25
 
 
 MAX_HEAD_BYTES = 16 * 1024  # what h11 allows an incomplete request head
+# The ASGI scope extension of a request that came past max_connections (its value: the limit);
+# the app answers it 503 (fast_lane.ServiceApp).
+OVER_LIMIT = "resnet_serve.over_connection_limit"
 FLUSH_AT_BYTES = 64 * 1024
 
 
@@ -79,8 +87,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """httptools with a size and a deadline on every request head."""
 
     head_timeout_s = 10.0
+    max_connections = 1024
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._gone_callbacks: list[Callable[[], None]] = []  # the current request's
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # received while the head was incomplete, before this read
         self._in_head = True
@@ -99,11 +109,34 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head, self._head_bytes = False, 0
         self._head_received()
+        limit = self.max_connections
+        over = len(self.connections) > limit or len(self.tasks) >= limit
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.transport is self.transport:
             self.cycle.transport = CoalescedWrites(self.transport, self.loop)  # type: ignore[assignment]
+            self._gone_callbacks = []
+            extensions = self.scope.setdefault("extensions", {})
+            extensions[DISCONNECT_EXTENSION] = self._watch_client
+            if over:
+                extensions[OVER_LIMIT] = limit
+
+    def _watch_client(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """The request's disconnect watch (service/protocols/disconnect.py): `callback` is
+        called if the connection is lost before the returned function is."""
+        callbacks = self._gone_callbacks
+        if self.transport.is_closing():
+            self.loop.call_soon(callback)
+            return lambda: None
+        callbacks.append(callback)
+
+        def unwatch() -> None:
+            if callback in callbacks:
+                callbacks.remove(callback)
+
+        return unwatch
 
     def on_response_complete(self) -> None:
+        self._gone_callbacks = []
         self._in_head, self._head_bytes = True, 0
         transport = self.cycle.transport if self.cycle is not None else None
         if isinstance(transport, CoalescedWrites):
@@ -114,6 +147,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_received()
         super().connection_lost(exc)
+        callbacks, self._gone_callbacks = self._gone_callbacks, []
+        for callback in callbacks:
+            callback()
 
     def _refuse_head(self) -> None:
         body = b"Request head over 16 KiB"
@@ -143,7 +179,10 @@ def http_config(app: Any, settings: Settings) -> uvicorn.Config:
     protocol = type(
         "BoundedHttpToolsProtocol",
         (BoundedHttpToolsProtocol,),
-        {"head_timeout_s": settings.request_head_timeout_ms / 1000.0},
+        {
+            "head_timeout_s": settings.request_head_timeout_ms / 1000.0,
+            "max_connections": settings.max_connections,
+        },
     )
     return uvicorn.Config(
         app,
@@ -154,7 +193,7 @@ def http_config(app: Any, settings: Settings) -> uvicorn.Config:
         access_log=settings.access_log,
         http=protocol,
         loop="uvloop",
-        limit_concurrency=settings.max_connections,
+        limit_concurrency=None,  # max_connections, answered by the app (OVER_LIMIT)
         # Every accepted request ends by its own timeout; this only bounds a stuck shutdown.
         timeout_graceful_shutdown=settings.request_timeout_ms / 1000.0 + 5.0,
     )

@@ -422,11 +422,16 @@ async def serve(
         # receive limit, it bounds what grpc can hold in memory before a handler runs.
         maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
         options=[
-            # A message over this is refused from its length prefix, unread; a compressed one
-            # is inflated at most to it (grpcio checks as it inflates).
+            # A message over this is refused from its length prefix, unread.
             ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.max_concurrent_streams", GRPC_STREAMS_PER_CONNECTION),
+            # Identity only: a compressed message is refused (UNIMPLEMENTED, "Compression
+            # algorithm 'gzip' is disabled") unread. grpcio inflates on the event loop's thread
+            # with the GIL held: a gzip bomb inflated up to the receive limit held every request
+            # of the process for 150-190 ms (docs/reliability.md, H1). Images and float
+            # tensors hardly compress; tritonclient sends uncompressed by default.
+            ("grpc.compression_enabled_algorithms_bitset", 1),
             ("grpc.so_reuseport", int(shared_port)),
         ],
     )
