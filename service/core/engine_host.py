@@ -32,6 +32,7 @@ from .errors import (
     InferenceError,
     InvalidParameterError,
     NotReadyError,
+    QueueFullError,
     ServiceError,
     StaleVersionError,
 )
@@ -57,6 +58,8 @@ class EngineHost:
     ) -> None:
         self.registry, self.control, self.board = registry, control, board
         self.settings = registry.settings
+        # Queue room kept for images the workers decode before they are admitted.
+        self.kept_for_decoding = self.settings.workers * ipc.decoding_allowance(self.settings)
         self.workers: set[WorkerConnection] = set()
         self._slots: dict[ServedModel, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -184,8 +187,9 @@ class WorkerConnection:
         else:
             log.error("worker %s sent a message of unknown kind %d", self.name, kind)
 
-    def _admit(self, request: int, images: int, version: int, traced: bool, name: str) -> None:
+    def _admit(self, request: int, images: int, version: int, flags: int, name: str) -> None:
         model = self.host.registry.models.get(name)
+        decoding = bool(flags & ipc.DECODING)
         try:
             if model is None or model.entry.version != version:
                 raise StaleVersionError(
@@ -196,15 +200,25 @@ class WorkerConnection:
                 raise NotReadyError(
                     f"model {name} is {model.state}", retry_after_s=self.host.settings.retry_after_s
                 )
-            ticket = model.batcher.ticket(images)
+            batcher, kept = model.batcher, self.host.kept_for_decoding
+            if not decoding and batcher.waiting + images + kept > batcher.max_queue_images:
+                # The room kept for images already being decoded stays theirs.
+                raise QueueFullError(
+                    f"model {name}: {batcher.waiting} images waiting, {images} more would "
+                    f"exceed max_queue_images={batcher.max_queue_images} ({kept} of it kept "
+                    "for images the workers are decoding)",
+                    retry_after_s=self.host.settings.retry_after_s,
+                )
+            ticket = batcher.ticket(images)
         except ServiceError as exc:
             self.fail(request, exc)
             return
-        if traced:
+        if flags & ipc.TRACED:
             ticket.trace = BatchRecord(tracer=None)
         model.acquire()  # this version stays until the request is answered
         self.requests[request] = _Request(model, ticket)
-        self.channel.send(ipc.ADMITTED, ipc.ID.pack(request))
+        if not decoding:
+            self.channel.send(ipc.ADMITTED, ipc.ID.pack(request))
 
     def _run(self, request: int, images: int, inputs: int, outputs: int) -> None:
         pending = self.requests.get(request)

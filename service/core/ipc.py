@@ -10,7 +10,7 @@ arena; the socket carries only short messages, each framed as
 
 Requests (worker -> engine), one request id per inference request of the worker:
 
-    ADMIT    id, images, version, traced, model name    room in the model's queue, or FAILED
+    ADMIT    id, images, version, flags, model name     room in the model's queue, or FAILED
     RUN      id, images, input offset, output offset    its images are in the arena: batch them
     CANCEL   id                                         its client left or it timed out
     CONTROL  id, JSON                                   repository index, load, unload
@@ -19,7 +19,9 @@ Requests (worker -> engine), one request id per inference request of the worker:
 Answers (engine -> worker): exactly one DONE or FAILED per ADMIT, however the request ends, so
 a worker frees an arena region only once the engine process can no longer write into it; and
 ADMITTED before it, once the images have room in the queue, which the worker waits for before it
-decodes anything (a request refused for a full queue costs no decoding, as with one process):
+decodes anything (a request refused for a full queue costs no decoding, as with one process).
+A worker with few images in flight decodes at once instead (`decoding_allowance`: the DECODING
+flag, no ADMITTED), into room the engine process keeps for that, saving a round trip at low load:
 
     ADMITTED   id
     DONE       id, the batches that ran it (for tracing)
@@ -54,7 +56,8 @@ ADMIT, RUN, CANCEL, CONTROL, READY = 1, 2, 3, 4, 5
 DONE, FAILED, CONTROLLED, STATE, ADMITTED = 11, 12, 13, 14, 15
 
 _FRAME = struct.Struct("<IB")
-ADMIT_HEAD = struct.Struct("<IIIB")  # id, images, version, traced; then the model's name
+ADMIT_HEAD = struct.Struct("<IIIB")  # id, images, version, flags; then the model's name
+TRACED, DECODING = 1, 2  # ADMIT flags: the request is traced; its images are being decoded
 RUN_BODY = struct.Struct("<IIQQ")  # id, images, input offset, output offset
 ID = struct.Struct("<I")
 FAILED_HEAD = struct.Struct("<Ii")  # id, Retry-After (-1: none); then code \0 message
@@ -167,13 +170,22 @@ async def open_channel(
 # -- message bodies -------------------------------------------------------------------------
 
 
-def pack_admit(request: int, images: int, version: int, traced: bool, name: str) -> bytes:
-    return ADMIT_HEAD.pack(request, images, version, traced) + name.encode()
+def pack_admit(request: int, images: int, version: int, flags: int, name: str) -> bytes:
+    return ADMIT_HEAD.pack(request, images, version, flags) + name.encode()
 
 
-def unpack_admit(payload: bytes) -> tuple[int, int, int, bool, str]:
-    request, images, version, traced = ADMIT_HEAD.unpack_from(payload)
-    return request, images, version, bool(traced), payload[ADMIT_HEAD.size :].decode()
+def unpack_admit(payload: bytes) -> tuple[int, int, int, int, str]:
+    request, images, version, flags = ADMIT_HEAD.unpack_from(payload)
+    return request, images, version, flags, payload[ADMIT_HEAD.size :].decode()
+
+
+def decoding_allowance(settings: Any) -> int:
+    """Images a worker may decode before its engine process has admitted them (ADMIT with the
+    DECODING flag): while its admitted-and-unanswered images stay within this, its requests skip
+    the wait for ADMITTED. The engine process keeps `workers` times this much of every queue for
+    such images (other requests are refused that much earlier), so they are never refused for a
+    full queue: a request refused for a full queue still costs no decoding."""
+    return int(min(settings.max_batch_size, settings.max_queue_images // (2 * settings.workers)))
 
 
 def pack_failed(request: int, retry_after_s: int | None, code: str, message: str) -> bytes:

@@ -231,6 +231,7 @@ class RemoteBatcher:
         self._link, self._model = link, model
         self._max_queue_images = settings.max_queue_images
         self._most_images = worker_images(settings)
+        self._decoding_allowance = ipc.decoding_allowance(settings)
         self._retry_after_s = settings.retry_after_s
 
     def ensure_room(self, count: int) -> None:
@@ -264,15 +265,18 @@ class RemoteBatcher:
                 retry_after_s=self._retry_after_s,
             )
         ticket = RemoteTicket(link, model, count, offset)
+        # Few images in flight here: decode at once, into the room the engine process keeps
+        # for that (ipc.decoding_allowance); otherwise only once admitted.
+        decoding = link.images + count <= self._decoding_allowance
+        if decoding:
+            ticket.admitted.set_result(None)
+        flags = (ipc.TRACED if ticket.trace is not None else 0) | (ipc.DECODING if decoding else 0)
         link._tickets[ticket.request] = ticket
         link.images += count
         entry = model.entry
         try:
             link.send(
-                ipc.ADMIT,
-                ipc.pack_admit(
-                    ticket.request, count, entry.version, ticket.trace is not None, entry.name
-                ),
+                ipc.ADMIT, ipc.pack_admit(ticket.request, count, entry.version, flags, entry.name)
             )
         except ServiceError:
             link._tickets.pop(ticket.request, None)
