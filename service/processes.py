@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
-import pickle
 import shutil
 import signal
 import socket
@@ -74,6 +74,16 @@ class Worker:
     connection: WorkerConnection | None = None
     ready: bool = False
     started_at: float = field(default_factory=time.monotonic)
+
+
+def settings_message(settings: Settings) -> bytes:
+    """The settings as a worker rebuilds them (`Settings(**values)`): every field, the secrets
+    included (the socket is private to the two processes; never a command line)."""
+    values = settings.model_dump(mode="json")
+    for name in ("inference_token", "management_token"):
+        secret = getattr(settings, name)
+        values[name] = secret.get_secret_value() if secret is not None else None
+    return json.dumps(values).encode()
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -178,8 +188,7 @@ class EngineProcess:
         worker_end.close()
         worker = Worker(index, process)
         self.workers[index] = worker
-        # Pickled: the socket is private to the two processes.
-        engine_end.sendall(ipc.frame(ipc.HELLO, pickle.dumps(self.settings)))
+        engine_end.sendall(ipc.frame(ipc.HELLO, settings_message(self.settings)))
         engine_end.setblocking(False)
         name = f"{index} (pid {process.pid})"
         worker.connection = await self.host.attach(engine_end, arena_fd, name)

@@ -12,9 +12,9 @@ the engine process has gone.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     kind, payload = ipc.read_frame(engine)
     if kind != ipc.HELLO:
         raise SystemExit(f"expected the engine process's settings, got a message of kind {kind}")
-    settings: Settings = pickle.loads(payload)  # from our parent, over a private socketpair
+    settings = Settings(**json.loads(payload))  # service/processes.py, settings_message
     logging.basicConfig(
         level=settings.log_level.upper(),
         format=f"%(asctime)s %(levelname)s [worker {index}] %(name)s: %(message)s",
