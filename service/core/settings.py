@@ -185,8 +185,9 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1024,
         ge=1,
-        description="HTTP connections at once; past it, new requests get 503 (behind a proxy, "
-        "bound connections and slow clients there too: docs/reliability.md)",
+        description="HTTP connections at once (per worker); past it, a new connection gets a JSON "
+        "503 too_many_connections with Retry-After and is closed (behind a proxy, bound "
+        "connections and slow clients there too: docs/reliability.md)",
     )
     workers: int = Field(
         1,
