@@ -201,6 +201,29 @@ def test_requests_past_max_connections_get_a_503_with_retry_after(tmp_path: Path
         assert service.terminate() == 0
 
 
+def test_a_burst_of_connections_is_served_up_to_max_connections(tmp_path: Path) -> None:
+    """Connections opened at once beyond max_connections are refused, and only those: the
+    first ones are served (counting every open connection refused them all, as uvicorn does)."""
+    write_tiny(tmp_path / "repo", "tiny")
+    with Service(tmp_path / "repo", tmp_path / "server.log", "--max-connections=2") as service:
+        service.wait_ready()
+        burst = [http.client.HTTPConnection(service.host, service.port) for _ in range(4)]
+        for connection in burst:
+            connection.connect()  # all four open before any request is sent
+        statuses = []
+        for connection in burst:
+            connection.request(
+                "POST", "/classify?model=tiny", solid(90), {"content-type": "image/png"}
+            )
+            answer = connection.getresponse()
+            answer.read()
+            statuses.append(answer.status)
+        assert statuses == [200, 200, 503, 503]
+        for connection in burst:
+            connection.close()
+        assert service.terminate() == 0
+
+
 def classify_once(service: Service) -> int:
     with httpx.Client(base_url=service.url) as client:
         return classify_png("tiny")(client)

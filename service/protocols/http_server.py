@@ -9,8 +9,9 @@ head (size and time), a cap on connections, and a drain on SIGTERM.
 - uvicorn arms no timer until a connection's first response, so a head that never completes
   would hold its connection forever: the protocol closes a connection whose request head is not
   complete `request_head_timeout_ms` after it opened (or after its last response).
-- `max_connections`: past it (connections, or requests in progress), a new request gets 503
-  with Retry-After and the service's JSON error body (`OVER_LIMIT`), not uvicorn's plain one.
+- `max_connections`: a connection made while that many are open (or a request past that many in
+  progress) gets 503 with Retry-After and the service's JSON error body (`OVER_LIMIT`), not
+  uvicorn's plain one, and is closed; the connections within the limit are served as usual.
 - A lost connection tells the request it carried at once (the ASGI scope extension of
   service/protocols/disconnect.py), so that the data plane stops working for it without a task
   per request waiting for `http.disconnect`.
@@ -95,6 +96,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # received while the head was incomplete, before this read
         self._in_head = True
         super().connection_made(transport)
+        # Past max_connections, the connections made beyond it are refused, not every request
+        # (uvicorn's own rule): a burst of connections is served up to the limit.
+        self._over_limit = len(self.connections) > self.max_connections
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
@@ -110,7 +114,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head, self._head_bytes = False, 0
         self._head_received()
         limit = self.max_connections
-        over = len(self.connections) > limit or len(self.tasks) >= limit
+        over = self._over_limit or len(self.tasks) >= limit
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.transport is self.transport:
             self.cycle.transport = CoalescedWrites(self.transport, self.loop)  # type: ignore[assignment]
