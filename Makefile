@@ -112,7 +112,7 @@ bench-ablations: venv
 	$(call ABLATE,spinning,--allow-spinning,RESNET_SERVE_ALLOW_SPINNING=true,)
 	$(call ABLATE,httpx,,,--client httpx)
 
-# Hostile input, overload, soak, faults, SIGTERM: docs/reliability.md (~3.5 min on 2 cores).
+# Hostile input, overload, soak, faults, SIGTERM: docs/reliability.md (~4.5 min on 2 cores).
 # WORKERS=N runs every service of it with N front-end workers (--workers N).
 reliability: venv
 	TEST_WORKERS=$(WORKERS) $(BIN)/python -m tests.reliability all --out reliability-results$(if $(WORKERS),-workers$(WORKERS))
