@@ -284,7 +284,6 @@ def tax_markdown(tax: dict[str, Any]) -> str:
         met = {True: "yes", False: "no", None: "-"}[check["met"]]
         lines.append(f"| {check['what']} | {_num(check['value'], 2)} | {check['target']} | {met} |")
     parts += ["\n".join(lines), ""]
-    parts += [f"Note: {note}." for note in tax.get("notes", [])]
     return "\n".join(parts)
 
 

@@ -10,8 +10,6 @@ one after the other on the same cores, minutes apart, never taken from another r
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,7 +66,7 @@ def add_parsers(sub: Any, int_list: Any) -> list[argparse.ArgumentParser]:
         description="In one run on this machine: the Python floor (c=1, c=32); CIFAR ResNet-20 "
         "(the checkpoint in --weights-dir, exported into --cache-repository) alone (batch 1 p50, "
         "best batch) and over HTTP (c=1, c=32) and gRPC (c=32); the nearly free model over HTTP "
-        "at c=32 with --workers 1 and 2 (skipped with a note when the service has no --workers); "
+        "at c=32 with --workers 1 and 2; "
         "the issue's ratios, in results.json and results.md.",
     )
     tax.add_argument("--images", type=Path, required=True, help="CIFAR-sized real images")
@@ -186,14 +184,6 @@ def run_free_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def service_has_workers() -> bool:
-    """Whether `python -m service` has a --workers setting (the lead's multi-process front end)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "--help"], capture_output=True, text=True, timeout=120
-    )
-    return re.search(r"(?<![\w-])--workers(?![\w-])", result.stdout) is not None
-
-
 def _level(section: dict[str, Any], concurrency: int) -> dict[str, Any]:
     return next(lv for lv in section["closed"] if lv["concurrency"] == concurrency)
 
@@ -249,7 +239,6 @@ def run_tax(args: argparse.Namespace, command: str) -> dict[str, Any]:
     free_repo = cache / "free"
     free_path, _ = write_free_model(free_repo)
     load = {"requests": args.requests, "duration_s": args.duration_s, "warmup": 2 * high}
-    notes: list[str] = []
 
     def step(name: str) -> None:
         print(f"tax: {name} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
@@ -289,24 +278,18 @@ def run_tax(args: argparse.Namespace, command: str) -> dict[str, Any]:
             None,
         )
     }
-    if service_has_workers():
-        for workers in (1, 2):
-            step(f"the free model, --workers {workers}")
-            free[f"workers_{workers}"] = run_http(
-                _http_options(
-                    images,
-                    concurrency=(high,),
-                    start_service=free_repo,
-                    service_args=("--workers", str(workers)),
-                    **load,
-                ),
-                out / f"free-workers-{workers}",
-                None,
-            )
-    else:
-        notes.append(
-            "--workers 1 against --workers 2 skipped: `python -m service --help` has no "
-            "--workers setting yet"
+    for workers in (1, 2):
+        step(f"the free model, --workers {workers}")
+        free[f"workers_{workers}"] = run_http(
+            _http_options(
+                images,
+                concurrency=(high,),
+                start_service=free_repo,
+                service_args=("--workers", str(workers)),
+                **load,
+            ),
+            out / f"free-workers-{workers}",
+            None,
         )
 
     rows_by_batch = {r["batch_size"]: r["onnxruntime"] for r in engine["rows"]}
@@ -325,11 +308,7 @@ def run_tax(args: argparse.Namespace, command: str) -> dict[str, Any]:
         _row("free model, HTTP", free["default"], 1),
         _row("free model, HTTP", free["default"], high),
     ]
-    rows += [
-        _row(f"free model, HTTP, --workers {w}", free[f"workers_{w}"], high)
-        for w in (1, 2)
-        if f"workers_{w}" in free
-    ]
+    rows += [_row(f"free model, HTTP, --workers {w}", free[f"workers_{w}"], high) for w in (1, 2)]
     floor_cpu = _level(floor, high).get("server_cpu_ms_per_request")
     outside = (_level(http, high).get("tax") or {}).get("outside_inference_cpu_ms_per_request")
     figures = {
@@ -337,13 +316,9 @@ def run_tax(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "http_vs_engine": _level(http, high)["images_per_s"] / engine_figures["best_images_per_s"],
         "grpc_vs_engine": _level(grpc, high)["images_per_s"] / engine_figures["best_images_per_s"],
         "outside_vs_floor": _ratio(outside, floor_cpu),
-        "workers_2_vs_1": (
-            _ratio(
-                _level(free["workers_2"], high)["requests_per_s"],
-                _level(free["workers_1"], high)["requests_per_s"],
-            )
-            if "workers_2" in free
-            else None
+        "workers_2_vs_1": _ratio(
+            _level(free["workers_2"], high)["requests_per_s"],
+            _level(free["workers_1"], high)["requests_per_s"],
         ),
     }
     return {
@@ -355,7 +330,6 @@ def run_tax(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "rows": rows,
         "figures": figures,
         "targets": judge(figures),
-        "notes": notes,
         "free_model": str(free_path),
         "sections": {
             "floor": floor,
