@@ -100,6 +100,25 @@ def hold_engine(service: Service, connection: http.client.HTTPConnection, out: B
     service.wait_metric(QUEUED, lambda n: n == 0, model="slow")  # taken into its batch
 
 
+def queue_one_from_each(
+    service: Service, first: int, second: int
+) -> tuple[Background, http.client.HTTPConnection]:
+    """The engine held by a black image from worker `first`, then a gray image queued from each
+    worker behind it (answered as "first" and "second"); returns the answers and the connection
+    to `second`."""
+    held, from_first, from_second = (
+        service.connect_to_worker(first),
+        service.connect_to_worker(first),
+        service.connect_to_worker(second),
+    )
+    out = Background()
+    hold_engine(service, held, out)
+    out.send("first", lambda: post(from_first, GRAY, "slow"))
+    out.send("second", lambda: post(from_second, GRAY, "slow"))
+    service.wait_metric(QUEUED, lambda n: n == 2, model="slow")  # both, in one queue
+    return out, from_second
+
+
 def gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -117,17 +136,7 @@ def test_one_engine_process_batches_the_images_of_every_worker(slow_service: Ser
     assert not maps(engine, "cygrpc")
     assert all(maps(pid, "cygrpc") for pid in workers)
 
-    first, second = workers
-    held, from_first, from_second = (
-        service.connect_to_worker(first),
-        service.connect_to_worker(first),
-        service.connect_to_worker(second),
-    )
-    out = Background()
-    hold_engine(service, held, out)
-    out.send("first", lambda: post(from_first, GRAY, "slow"))
-    out.send("second", lambda: post(from_second, GRAY, "slow"))
-    service.wait_metric(QUEUED, lambda n: n == 2, model="slow")  # both, in one queue
+    out, _ = queue_one_from_each(service, *workers)
     answers = out.join()
     assert [answers[k][0] for k in ("black", "first", "second")] == [200, 200, 200], answers
     assert answers["first"][1]["predictions"] == answers["second"][1]["predictions"]
@@ -142,19 +151,13 @@ def test_one_engine_process_batches_the_images_of_every_worker(slow_service: Ser
 def test_a_killed_worker_is_replaced_and_the_others_lose_nothing(slow_service: Service) -> None:
     service = slow_service
     victim, survivor = service.workers()
-    held, queued = service.connect_to_worker(victim), service.connect_to_worker(victim)
-    other = service.connect_to_worker(survivor)
-    out = Background()
-    hold_engine(service, held, out)
-    out.send("victim", lambda: post(queued, GRAY, "slow"))
-    out.send("survivor", lambda: post(other, GRAY, "slow"))
-    service.wait_metric(QUEUED, lambda n: n == 2, model="slow")
+    out, other = queue_one_from_each(service, victim, survivor)
 
     os.kill(victim, signal.SIGKILL)
     answers = out.join()
     assert isinstance(answers["black"], (ConnectionError, http.client.HTTPException))
-    assert isinstance(answers["victim"], (ConnectionError, http.client.HTTPException))
-    status, body, _ = answers["survivor"]
+    assert isinstance(answers["first"], (ConnectionError, http.client.HTTPException))
+    status, body, _ = answers["second"]
     assert status == 200, body
     service.wait_metric(QUEUED, lambda n: n == 0, model="slow")  # the victim's image dropped
 
@@ -174,16 +177,7 @@ def test_sigterm_drains_every_worker_and_loses_nothing(tmp_path: Path) -> None:
     ) as service:
         service.wait_ready()
         first, second = service.wait_workers(2)
-        held, a, b = (
-            service.connect_to_worker(first),
-            service.connect_to_worker(first),
-            service.connect_to_worker(second),
-        )
-        out = Background()
-        hold_engine(service, held, out)
-        out.send("a", lambda: post(a, GRAY, "slow"))
-        out.send("b", lambda: post(b, GRAY, "slow"))
-        service.wait_metric(QUEUED, lambda n: n == 2, model="slow")
+        out, _ = queue_one_from_each(service, first, second)
         service.process.send_signal(signal.SIGTERM)
         ready = poll_until(
             lambda: (r := httpx.get(f"{service.url}/readyz", timeout=5)).status_code == 503 and r,
@@ -193,7 +187,7 @@ def test_sigterm_drains_every_worker_and_loses_nothing(tmp_path: Path) -> None:
         assert ready.json()["status"] == "draining"
         assert service.process.wait(60) == 0
         answers = out.join()
-    assert [answers[k][0] for k in ("black", "a", "b")] == [200, 200, 200], answers
+    assert [answers[k][0] for k in ("black", "first", "second")] == [200, 200, 200], answers
     assert gone(first) and gone(second)
 
 
@@ -226,7 +220,7 @@ def test_limits_and_errors_hold_across_workers(tmp_path: Path) -> None:
         assert headers["retry-after"] == "1"
 
         answers = out.join()
-        assert [answers[k][0] for k in ("black", "a", "b")] == [200, 200, 200], answers
+        assert [answers[k][0] for k in ("black", "first", "second")] == [200, 200, 200], answers
 
         # A client that leaves while its image waits: 499, and its room comes back.
         hold_engine(service, held, out)
