@@ -13,8 +13,9 @@ that is what `Image.convert("RGB")` in torchvision's `ImageFolder` loader did at
 Small plain PNGs (8-bit RGB or RGBA, no EXIF, no transparency key: `plain_png_size`), which
 `probe` finds for callers that decode small images on their event loop, are decoded by libspng
 (pyspng) instead of Pillow: a PNG's pixels are exact whichever decoder reads them, and for a
-32x32 CIFAR image libspng skips most of Pillow's per-image set-up. Larger images stay with Pillow, which releases the GIL while it decodes in a
-thread (libspng's binding does not). Everything after decoding is the same code.
+32x32 CIFAR image libspng skips most of Pillow's per-image set-up. Larger images stay with
+Pillow, which releases the GIL while it decodes in a thread (libspng's binding does not).
+Everything after decoding is the same code.
 """
 
 from __future__ import annotations
